@@ -1,0 +1,35 @@
+"""The plugin API: hooks a speedq plugin may implement (entry-point group ``speedq``).
+
+A plugin is a module exposing functions marked with ``hookimpl``; it is registered by an entry point
+in the ``speedq`` group of its package's metadata. speedq's own families and methods are registered
+the same way, from ``pyproject.toml``.
+
+    from speedq_core.hookspecs import hookimpl
+
+    @hookimpl
+    def speedq_families():
+        return [MyFamilyAdapter()]
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "speedq"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def speedq_families() -> list:
+    """Return the model-family adapters (``speedq_core.adapter.FamilyAdapter``) this plugin provides.
+
+    Each adapter's ``name`` must be unique across all plugins.
+    """
+
+
+@hookspec
+def speedq_methods() -> list:
+    """Return the quantization methods (``speedq_core.method.Method``) this plugin provides.
+
+    Each method's ``name`` must be unique across all plugins.
+    """

@@ -1,0 +1,105 @@
+"""Inference linear layer over a packed quantized weight.
+
+``QuantLinear`` keeps exactly the tensors that go to disk (see ``packed_layout``) as buffers, so its
+``state_dict`` *is* the export, and every forward dequantizes them through
+``QuantizedWeight.dequantize``: ``y = F.linear(x, w_hat.to(x.dtype), b)``. A model quantized in
+memory and the same model reloaded from disk therefore compute bit-identical outputs.
+
+The packed buffers keep their dtype under ``module.to(dtype)`` / ``.half()``: fp16 scales are moved
+as int16 bit patterns, so casting a model to bf16 casts only the bias.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedq_core.errors import SchemeError
+from speedq_core.quant.qweight import QuantizedWeight, check_packed, packed_layout, validate_shape
+from speedq_core.quant.scheme import QuantScheme
+
+
+class QuantLinear(nn.Module):
+    """Packed ``(out, in)`` weight with ``scheme``, optional bias."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        validate_shape(scheme, (out_features, in_features))
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self._layout = packed_layout(scheme, (out_features, in_features))
+        for name, (shape, buf_dtype) in self._layout.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_packed(cls, tensors: dict[str, torch.Tensor], scheme: QuantScheme, shape: tuple[int, int],
+                    bias: torch.Tensor | None = None) -> QuantLinear:
+        """A QuantLinear over packed ``tensors`` (checked against ``packed_layout``) and ``bias``, without copies."""
+        check_packed(tensors, scheme, shape)
+        out_features, in_features = shape
+        module = cls(in_features, out_features, scheme, bias=False, device="meta")
+        for name in module._layout:
+            setattr(module, name, tensors[name])
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return module
+
+    @classmethod
+    def from_qweight(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A QuantLinear holding ``qweight.to_packed_tensors()`` and a copy of ``bias``."""
+        bias = None if bias is None else bias.detach().clone()
+        return cls.from_packed(qweight.to_packed_tensors(), qweight.scheme, qweight.shape, bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight) -> QuantLinear:
+        """Replace ``linear`` by its quantized weight ``qweight`` (shape-checked) and its bias."""
+        if tuple(qweight.shape) != tuple(linear.weight.shape):
+            raise SchemeError(
+                f"quantized weight of shape {tuple(qweight.shape)} does not fit a linear of shape "
+                f"{tuple(linear.weight.shape)}: quantize this linear's own weight"
+            )
+        return cls.from_qweight(qweight, linear.bias)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The QuantizedWeight these buffers encode."""
+        tensors = {name: getattr(self, name) for name in self._layout}
+        return QuantizedWeight.from_packed_tensors(tensors, self.scheme, (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.qweight.dequantize(x.dtype), bias)
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear with ``w_hat`` in ``dtype`` (default: the bias dtype, else bfloat16)."""
+        default = torch.bfloat16 if self.bias is None else self.bias.dtype
+        return dequantized_linear(self.qweight, self.bias, dtype or default)
+
+    def _apply(self, fn, recurse=True):
+        float_buffers = [name for name in self._layout if self._buffers[name].is_floating_point()]
+        for name in float_buffers:
+            self._buffers[name] = self._buffers[name].view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in float_buffers:
+                self._buffers[name] = self._buffers[name].view(self._layout[name][1])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, " \
+               f"bias={self.bias is not None}"
+
+
+def dequantized_linear(qweight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """nn.Linear with weight ``qweight.dequantize(dtype)`` and a copy of ``bias`` in ``dtype``."""
+    out_features, in_features = qweight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=dtype)
+    linear.weight = nn.Parameter(qweight.dequantize(dtype))
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype).clone())
+    return linear

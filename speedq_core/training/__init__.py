@@ -1,0 +1,1 @@
+"""Training: losses (task CE, distillation) and loops (single process here, DeepSpeed for scale)."""

@@ -1,0 +1,238 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP ViT-L/14-336 + 2-layer MLP projector + Vicuna.
+
+Module tree (transformers 5, checked on a tiny model)::
+
+    model.vision_tower                    CLIPVisionModel
+        .embeddings                       patch Conv2d(3, 1024, 14, 14) + position embedding
+        .pre_layrnorm
+        .encoder.layers.N                 layer_norm1 -> self_attn.{q,k,v,out}_proj
+                                          layer_norm2 -> mlp.fc1 -> quick_gelu -> mlp.fc2
+        .post_layernorm                   unused by LLaVA
+    model.multi_modal_projector           linear_1 -> gelu -> linear_2
+    model.language_model                  LlamaModel
+        .embed_tokens                     the "embeddings" part
+        .layers.N                         input_layernorm -> self_attn.{q,k,v,o}_proj
+                                          post_attention_layernorm -> mlp.{gate,up}_proj -> down_proj
+    lm_head                               untied
+
+LLaVA reads the image features of the *second-to-last* CLIP layer (``vision_feature_layer = -2``) and
+drops the CLS token (``vision_feature_select_strategy = "default"``): 576 image tokens at 336 px. The
+last CLIP layer and ``post_layernorm`` still exist and are quantized like the rest, but their output
+never reaches the LLM, so block-wise losses on that last layer measure nothing useful.
+
+Scaling groups (AWQ convention; ``prev`` output width equals every linear's ``in_features``):
+
+- CLIP block: ``layer_norm1 -> q,k,v``; ``v_proj -> out_proj`` (multi-head attention: the attention
+  output is linear in V, per head, so scaling V's output channels and ``out_proj``'s input channels is
+  exact); ``layer_norm2 -> fc1``. ``fc1 -> fc2`` is not a group: quick_gelu sits between them.
+- Llama block: ``input_layernorm -> q,k,v``; ``v_proj -> o_proj`` only when their shapes match, i.e.
+  without grouped-query attention (Vicuna is MHA, so LLaVA-1.5 has it); ``post_attention_layernorm ->
+  gate,up``; ``up_proj -> down_proj`` (SwiGLU: ``down(act(gate) * up)`` is linear in ``up``'s output).
+- Projector: none (a GELU separates its two linears and no norm precedes ``linear_1``).
+
+Inputs: the LLaVA-1.5 conversation format ``USER: <image>\\n{prompt} ASSISTANT:``; with an answer,
+`` {answer}</s>`` is appended and only the answer tokens and ``</s>`` are labelled. Batches are
+**left-padded** (one layout for calibration, training and batched generation); ``attention_mask`` is 0
+on the padding and ``labels`` are -100 there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from speedq_core.adapter import FamilyAdapter, ModelInputs, ScalingGroup
+from speedq_core.hookspecs import hookimpl
+
+IGNORE_INDEX = -100
+
+
+# ---- helpers shared by the LLaVA-style families (FastVLM imports them) ---------------------------
+def config_from_arch(config_class: type, arch: dict[str, Any]) -> Any:
+    """``config_class`` built from a registry architecture table (the nested dict of a config.json)."""
+    arch = dict(arch)
+    model_type = arch.pop("model_type", config_class.model_type)
+    if model_type != config_class.model_type:
+        raise ValueError(
+            f"architecture has model_type {model_type!r} but {config_class.__name__} is "
+            f"{config_class.model_type!r}: fix model_type in the registry preset or pick another family"
+        )
+    return config_class(**arch)
+
+
+def decoder_scaling_groups(v_to_o: bool) -> list[ScalingGroup]:
+    """AWQ groups of a Llama/Qwen2 decoder layer; ``v_to_o`` only where v_proj and o_proj are square
+    to each other (no grouped-query attention)."""
+    groups = [
+        ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ]
+    if v_to_o:
+        groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+    groups += [
+        ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ]
+    return groups
+
+
+def chat_inputs(
+    processor: Any,
+    images: list[Any],
+    prompts: list[str],
+    answers: list[str] | None,
+    template: str,
+    answer_template: str,
+) -> ModelInputs:
+    """Left-padded batch of ``template.format(prompt=...)`` (+ ``answer_template.format(answer=...)``).
+
+    Each sample goes through ``processor`` on its own (so the processor expands the image token exactly
+    as for the real model); the prompt alone is tokenized too and must be a prefix of prompt + answer,
+    which gives the label boundary. Labels are -100 on the prompt, the image tokens and the padding.
+    """
+    if len(images) != len(prompts) or (answers is not None and len(answers) != len(prompts)):
+        raise ValueError(
+            f"got {len(images)} images, {len(prompts)} prompts and "
+            f"{'no' if answers is None else len(answers)} answers: pass one of each per sample"
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    rows: list[dict[str, torch.Tensor]] = []
+    labels: list[torch.Tensor] = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        text = template.format(prompt=prompt)
+        if answers is None:
+            rows.append(dict(processor(images=[image], text=[text], return_tensors="pt")))
+            continue
+        full = dict(processor(images=[image], text=[text + answer_template.format(answer=answers[i])],
+                              return_tensors="pt"))
+        prompt_ids = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0]
+        ids = full["input_ids"][0]
+        n = prompt_ids.numel()
+        if ids.numel() <= n or not torch.equal(ids[:n], prompt_ids):
+            raise ValueError(
+                f"sample {i}: the tokenized prompt is not a prefix of prompt + answer, so the answer "
+                f"tokens cannot be told apart; check the answer text {answers[i]!r} and the tokenizer"
+            )
+        label = ids.clone()
+        label[:n] = IGNORE_INDEX
+        rows.append(full)
+        labels.append(label)
+    width = max(r["input_ids"].shape[1] for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t.new_full((width - t.shape[-1],), value), t])
+
+    tensors = {
+        "input_ids": torch.stack([left_pad(r["input_ids"][0], pad_id) for r in rows]),
+        "attention_mask": torch.stack([left_pad(r["attention_mask"][0], 0) for r in rows]),
+    }
+    for key in rows[0]:
+        if key not in tensors:
+            tensors[key] = torch.cat([r[key] for r in rows])
+    batch_labels = torch.stack([left_pad(lab, IGNORE_INDEX) for lab in labels]) if labels else None
+    return ModelInputs(tensors, batch_labels)
+
+
+# ---- the adapter --------------------------------------------------------------------------------
+_CLIP_GROUPS = [
+    ScalingGroup("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+    ScalingGroup("layer_norm2", ("mlp.fc1",), "mlp"),
+]
+
+
+class LlavaAdapter(FamilyAdapter):
+    name = "llava"
+    description = "LLaVA-1.5: CLIP ViT-L/14-336 + MLP projector + Vicuna (LlavaForConditionalGeneration)"
+    model_types = ("llava",)
+    component_paths = {
+        "vision": "model.vision_tower",
+        "projector": "model.multi_modal_projector",
+        "language": "model.language_model",
+    }
+    block_paths = {
+        "vision": "model.vision_tower.encoder.layers",
+        "language": "model.language_model.layers",
+    }
+    embeddings_path = "model.language_model.embed_tokens"
+    lm_head_path = "lm_head"
+
+    template = "USER: <image>\n{prompt} ASSISTANT:"
+    answer_template = " {answer}</s>"
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def config_from_dict(self, arch: dict[str, Any]) -> Any:
+        from transformers import LlavaConfig
+
+        return config_from_arch(LlavaConfig, arch)
+
+    def tiny_config(self) -> Any:
+        """CLIP 2x32 at 32 px / patch 8 (16 image tokens) + Llama 2x64 (MHA, like Vicuna): ~0.17M."""
+        from speedq_plugins.tiny_tokenizer import build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer()
+        return self.config_from_dict({
+            "model_type": "llava",
+            "image_token_id": tok.convert_tokens_to_ids("<image>"),
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "projector_hidden_act": "gelu",
+            "tie_word_embeddings": False,
+            "text_config": {
+                "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                "vocab_size": len(tok), "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id, "tie_word_embeddings": False,
+            },
+            "vision_config": {
+                "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                "projection_dim": 32, "hidden_act": "quick_gelu",
+            },
+        })
+
+    def tiny_processor(self, config: Any) -> Any:
+        """``LlavaProcessor`` + ``CLIPImageProcessor`` (CLIP mean/std, resize + centre crop) around the
+        tiny tokenizer: the same classes, with the same arguments, as llava-hf's processors."""
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        from speedq_plugins.tiny_tokenizer import build_tiny_tokenizer
+
+        size = config.vision_config.image_size
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        )
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=build_tiny_tokenizer(),
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
+        )
+
+    def scaling_groups(self, component: str) -> list[ScalingGroup]:
+        if component == "vision":
+            return list(_CLIP_GROUPS)
+        if component == "language":
+            return decoder_scaling_groups(v_to_o=True)  # Vicuna: MHA
+        return []
+
+    def build_inputs(
+        self,
+        processor: Any,
+        images: list[Any],
+        prompts: list[str],
+        answers: list[str] | None = None,
+    ) -> ModelInputs:
+        return chat_inputs(processor, images, prompts, answers, self.template, self.answer_template)
+
+
+@hookimpl
+def speedq_families():
+    return [LlavaAdapter()]

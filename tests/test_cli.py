@@ -1,0 +1,51 @@
+"""The speedq command as a user runs it: a subprocess, its output and exit status."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def speedq(*args, env=None):
+    cmd = [sys.executable, "-c", "from speedq_core.cli import main; main()", *args]
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_list_shows_families_methods_presets_and_their_plugins():
+    out = speedq("list")
+    assert out.returncode == 0, out.stderr
+    for name in ("internvl", "qwen2_vl", "fast_vlm", "llava", "rtn", "internvl3-2b", "w2g16g16", "paper"):
+        assert name in out.stdout
+
+
+@pytest.mark.slow
+def test_info_internvl3_1b_matches_the_paper():
+    out = speedq("info", "internvl3-1b")
+    assert out.returncode == 0, out.stderr
+    total = next(line for line in out.stdout.splitlines() if line.strip().startswith("total"))
+    vision = next(line for line in out.stdout.splitlines() if line.strip().startswith("vision"))
+    assert "938.1M" in total and "1789." in total  # paper: 304M of 938M, BF16 1789.5 MiB
+    assert "303.9M" in vision
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("info", "internvl3-1c"), "did you mean 'internvl3-1b'"),
+        (("info", "no-such-model"), "unknown model 'no-such-model'"),
+    ],
+)
+def test_bad_names_give_one_line_and_exit_2(args, match):
+    out = speedq(*args)
+    assert out.returncode == 2
+    assert match in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_malformed_registry_is_one_line_error(tmp_path):
+    bad = tmp_path / "registry.toml"
+    bad.write_text('[models.x]\nfamily = "internvl"\n')
+    out = speedq("list", env={"SPEEDQ_REGISTRY": str(bad)})
+    assert out.returncode == 2
+    assert "[models.x]" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from speedq_core.adapter import FamilyAdapter
+from speedq_core.errors import SchemeError
 from speedq_core.hookspecs import hookimpl
 from speedq_core.method import Method, QuantContext
 from speedq_core.quant import QuantLinear, quantize_weight, swap_linears
@@ -28,7 +29,10 @@ class RTN(Method):
             linears = adapter.linears(model, part)
 
             def make(name: str, linear: nn.Linear, scheme=scheme) -> QuantLinear:
-                return QuantLinear.from_linear(linear, quantize_weight(linear.weight.data, scheme))
+                try:
+                    return QuantLinear.from_linear(linear, quantize_weight(linear.weight.data, scheme))
+                except SchemeError as exc:
+                    raise SchemeError(f"{name}: {exc}") from None
 
             swap_linears(model, list(linears), make)
             summary[part] = {"scheme": scheme.name, "linears": len(linears)}

@@ -85,7 +85,7 @@ class FamilyAdapter:
 
     def build_model(self, config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
         """A randomly initialised model (call under ``torch.device('meta')`` for sizing only)."""
-        model = self.model_class()._from_config(config, torch_dtype=dtype)
+        model = self.model_class()._from_config(config, dtype=dtype)
         return model.eval()
 
     # -- structure ------------------------------------------------------------------------

@@ -212,12 +212,13 @@ def load_quantized(model_skeleton: nn.Module, in_dir: str | os.PathLike) -> nn.M
 
     def make(name: str, linear: nn.Linear) -> QuantLinear:
         scheme, shape = schemes[name], tuple(linear.weight.shape)
-        missing = [f"{name}.{key}" for key in packed_layout(scheme, shape) if f"{name}.{key}" not in state]
+        keys = [*packed_layout(scheme, shape), *(["bias"] if config["modules"][name]["bias"] else [])]
+        missing = [f"{name}.{key}" for key in keys if f"{name}.{key}" not in state]
         if missing:
             raise CheckpointError(f"{weights_path}: tensor {missing[0]!r} is missing: export the model again")
-        packed = {key: state[f"{name}.{key}"] for key in packed_layout(scheme, shape)}
+        packed = {key: state[f"{name}.{key}"] for key in keys}
         try:
-            return QuantLinear.from_packed(packed, scheme, shape)
+            return QuantLinear.from_packed(packed, scheme, shape, packed.pop("bias", None))
         except CheckpointError as exc:
             raise CheckpointError(f"{weights_path}: module {name!r}: {exc}") from None
 

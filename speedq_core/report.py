@@ -16,6 +16,14 @@ def _score_columns(scores: dict[str, dict[str, float]]) -> list[tuple[str, float
     return cols
 
 
+def size_summary(size: dict[str, Any]) -> tuple[float, float]:
+    """(file MiB on disk, bits per weight over the parts that hold quantized weights) of size.json."""
+    parts = [c for c in size["components"] if c["n_quantized"]]
+    n = sum(c["n_weights"] for c in parts)
+    bits = 8 * sum(c["nbytes"] for c in parts) / n if n else 16.0
+    return (size["export_bytes"] or size["nbytes"]) / 2**20, bits
+
+
 def render_run(results: dict[str, Any]) -> Table:
     """One row: the run's label, scheme per part, file size, bits/weight and benchmark scores."""
     config = results["config"]
@@ -25,8 +33,8 @@ def render_run(results: dict[str, Any]) -> Table:
     for col in ("schemes", "file MiB", "bits/weight (quantized parts)", *[c for c, _ in cols]):
         table.add_column(col, justify="right")
     schemes = ", ".join(f"{p}: {s}" for p, s in config["schemes"].items())
-    table.add_row(schemes, f"{size['file_mib']:.2f}", f"{size['quantized_bits_per_weight']:.3f}",
-                  *[f"{v:.2f}" for _, v in cols])
+    mib, bits = size_summary(size)
+    table.add_row(schemes, f"{mib:.2f}", f"{bits:.3f}", *[f"{v:.2f}" for _, v in cols])
     return table
 
 
@@ -36,8 +44,8 @@ def run_report_md(results: dict[str, Any]) -> str:
     lines = [f"# {config['model']} · {config['method']} · {config['bits']}-bit", ""]
     lines += ["| part | scheme |", "| --- | --- |"]
     lines += [f"| {p} | {s} |" for p, s in config["schemes"].items()]
-    lines += ["", f"File size: {size['file_mib']:.2f} MiB; bits per weight over quantized parts: "
-              f"{size['quantized_bits_per_weight']:.3f}.", ""]
+    mib, bits = size_summary(size)
+    lines += ["", f"File size: {mib:.2f} MiB; bits per weight over quantized parts: {bits:.3f}.", ""]
     cols = _score_columns(results.get("scores", {}))
     if cols:
         lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|" + " --- |" * len(cols)]

@@ -28,6 +28,7 @@ from speedq_core.method import QuantContext
 from speedq_core.models import LoadedModel, load_model
 from speedq_core.plugins import Plugins, get_plugins
 from speedq_core.registry import Registry, load_registry
+from speedq_core.report import run_report_md
 
 QUANTIZABLE_PARTS = (*COMPONENTS, "lm_head")
 
@@ -83,18 +84,22 @@ def resolve_config(
                      model_path, dict(options or {}))
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it into place."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temp file beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
@@ -164,4 +169,5 @@ def execute(
                           work_dir=run_dir / "eval", model_name=config.label, lmudata=lmudata)
         results["scores"] = scores
     write_json_atomic(run_dir / "results.json", results)
+    write_text_atomic(run_dir / "report.md", run_report_md(results))
     return results

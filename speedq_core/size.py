@@ -7,7 +7,6 @@ paper's "MB" are: InternVL3-1B has 938M parameters, 2 bytes each = 1789 MiB.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -55,13 +54,11 @@ class SizeReport:
     def n_weights(self) -> int:
         return sum(c.n_weights for c in self.components)
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
+        """A JSON-ready dict (what ``size.json`` holds)."""
         rows = [{**asdict(c), "mib": c.mib, "bits_per_weight": c.bits_per_weight} for c in self.components]
         return {"components": rows, "nbytes": self.nbytes, "mib": self.nbytes / MIB, "n_weights": self.n_weights,
                 "export_bytes": self.export_bytes}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     def to_markdown(self) -> str:
         lines = ["| component | weights | quantized | MiB | bits/weight |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -4,7 +4,7 @@ Small images (``size`` px square, default 48: the tiny models' input) with one 4
 each, in seven categories. Two kinds of category are mixed on purpose:
 
     coarse  color, shape                   one big object, distractors far from the truth
-    fine    hue, count, size, position,    the answer hinges on a small margin: hues 30 degrees
+    fine    hue, count, size, position,    the answer hinges on a small margin: hues ~30 degrees
             majority                       apart, 7 vs 8 objects, radii or coordinates 1-3 px
                                            apart, majority colour ahead by one dot
 
@@ -61,10 +61,10 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
 # distractors; object identities use the six 60-degree-apart "basic" hues plus white.
 HUES: dict[str, float] = {
     "red": 0, "orange": 30, "yellow": 60, "lime": 90, "green": 120, "teal": 150,
-    "cyan": 180, "blue": 210, "indigo": 240, "violet": 270, "magenta": 300, "crimson": 330,
+    "cyan": 180, "blue": 215, "indigo": 245, "violet": 275, "magenta": 305, "crimson": 335,
 }
-BASIC_COLORS = ("red", "yellow", "green", "cyan", "blue", "magenta", "white")
-HUE_JITTER = 8.0  # degrees; leaves >= 7 degrees to the half-way point to a neighbour
+BASIC_COLORS = ("red", "yellow", "green", "blue", "magenta", "white")  # hues >= 55 degrees apart
+HUE_JITTER = 8.0  # degrees; neighbours are 25-35 degrees apart, so 4.5-9.5 degrees of margin remain
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond")
 PLURAL = {
     "circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
@@ -290,8 +290,8 @@ def _shape(rng: random.Random, canvas: _Canvas):
 
 @_retrying
 def _hue(rng: random.Random, canvas: _Canvas):
-    """Fine: one object of one of 12 hues; distractors are both 30-degree neighbours and one
-    60 degrees away, so the decision margin is 7-15 degrees of hue."""
+    """Fine: one object of one of 12 hues; distractors are both neighbours (25-35 degrees away)
+    and the hue two steps away on one side."""
     names = list(HUES)
     i = rng.randrange(len(names))
     side = rng.choice((-2, 2))

@@ -46,7 +46,7 @@ def clip_error(weight: torch.Tensor, inputs: torch.Tensor, scheme: QuantScheme, 
 def search_clip(weight: torch.Tensor, inputs: torch.Tensor, scheme: QuantScheme, n_grid: int = 20,
                 max_shrink: float = 0.5, n_tokens: int = 512,
                 rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``(clip_min, clip_max)``, float32 ``(out, in/G)``, for ``weight`` ``(out, in)`` and ``inputs`` ``(..., in)``.
+    """Best ``(clip_min, clip_max)``, float32 ``(out, in/G)``, for ``weight`` ``(out, in)``, ``inputs`` ``(..., in)``.
 
     The bounds feed ``quantize_weight(w, scheme, clip_min, clip_max)`` and ``FakeQuantLinear.from_linear``.
     """

@@ -27,7 +27,8 @@ def check_group_size(shape: tuple[int, ...], group_size: int) -> None:
     out_features, in_features = shape
     if in_features % group_size:
         divisors = [g for g in (256, 128, 64, 32, 16, 8) if in_features % g == 0]
-        hint = f"use group size {divisors[0]}" if divisors else "use a group size that divides it"
+        smaller = [g for g in divisors if g < group_size]
+        hint = f"use group size {(smaller or divisors)[0]}" if divisors else "use a group size that divides it"
         raise SchemeError(
             f"group size {group_size} does not divide in_features={in_features} of a "
             f"({out_features}, {in_features}) weight: {hint}"
@@ -58,6 +59,7 @@ def clip_weight(w: torch.Tensor, group_size: int, clip_min=None, clip_max=None) 
     return wg.reshape(w.shape)
 
 
+@torch.no_grad()
 def minmax_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale ``s`` (float32 ``(out, in/G)``) and zero ``z`` (uint8 ``(out, in/G)``) of eq. (1)."""
     maxq = (1 << bits) - 1
@@ -72,7 +74,7 @@ def minmax_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Te
 
 
 def quantize_with_params(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """``q = clamp(round(w / s) + z, 0, 2^b - 1)`` as uint8 ``(out, in)`` for given per-group ``s``, ``z`` ``(out, in/G)``."""
+    """``q = clamp(round(w / s) + z, 0, 2^b - 1)``, uint8 ``(out, in)``, for given ``s``, ``z`` ``(out, in/G)``."""
     group_size = w.shape[-1] // scale.shape[-1]
     wg = group_view(w, group_size)
     q = torch.round(wg / expand(scale)) + expand(zero)
@@ -85,10 +87,14 @@ def dequantize_groupwise(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return ((qg - expand(zero)) * expand(scale)).reshape(q.shape)
 
 
+@torch.no_grad()
 def quantize_groupwise(
     w: torch.Tensor, bits: int, group_size: int, clip_min=None, clip_max=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. (1) on ``clamp(w, clip_min, clip_max)``: returns ``q`` uint8 ``(out, in)``, ``s`` float32 and ``z`` uint8 ``(out, in/G)``."""
+    """Eq. (1) on ``clamp(w, clip_min, clip_max)``.
+
+    Returns ``q`` uint8 ``(out, in)``, ``s`` float32 ``(out, in/G)`` and ``z`` uint8 ``(out, in/G)``.
+    """
     w = clip_weight(w, group_size, clip_min, clip_max)
     scale, zero = minmax_params(w, bits, group_size)
     return quantize_with_params(w, scale, zero, bits), scale, zero

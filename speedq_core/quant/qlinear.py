@@ -43,7 +43,7 @@ class QuantLinear(nn.Module):
         out_features, in_features = shape
         module = cls(in_features, out_features, scheme, bias=False, device="meta")
         for name in module._layout:
-            setattr(module, name, tensors[name])
+            setattr(module, name, tensors[name].detach())
         if bias is not None:
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module

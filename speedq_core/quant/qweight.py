@@ -14,8 +14,8 @@ import torch
 
 from speedq_core.errors import CheckpointError
 from speedq_core.quant.bilevel import (
-    check_scale_group_size,
     dequantize_scales,
+    n_scale_groups,
     quantize_scales,
     to_storage_precision,
 )
@@ -34,7 +34,7 @@ from speedq_core.quant.scheme import SCALE_STORAGE_DTYPE, QuantScheme
 class QuantizedWeight:
     """``q`` uint8 ``(out, in)``, ``zero`` uint8 ``(out, in/G)``; then either ``scale`` float32
     ``(out, in/G)`` (single level) or ``scale_q`` uint8 ``(out, in/G)`` with ``scale2`` and ``min2``
-    float32 ``(in/G, out/G_q)`` (bilevel, see :mod:`speedq_core.quant.bilevel`)."""
+    float32 ``(in/G, ceil(out/G_q))`` (bilevel, see :mod:`speedq_core.quant.bilevel`)."""
 
     scheme: QuantScheme
     shape: tuple[int, int]
@@ -113,7 +113,7 @@ def packed_layout(scheme: QuantScheme, shape: tuple[int, int]) -> dict[str, tupl
         "zeros": ((packed_nbytes(out_features * n_groups, scheme.bits),), torch.uint8),
     }
     if scheme.bilevel:
-        second = (n_groups, out_features // scheme.scale_group_size)
+        second = (n_groups, n_scale_groups(out_features, scheme.scale_group_size))
         layout["scale_codes"] = ((packed_nbytes(out_features * n_groups, scheme.scale_bits),), torch.uint8)
         layout["scale2"] = (second, SCALE_STORAGE_DTYPE)
         layout["min2"] = (second, SCALE_STORAGE_DTYPE)
@@ -123,12 +123,11 @@ def packed_layout(scheme: QuantScheme, shape: tuple[int, int]) -> dict[str, tupl
 
 
 def validate_shape(scheme: QuantScheme, shape: tuple[int, int]) -> None:
-    """Raise SchemeError unless ``G`` divides ``in`` and (bilevel) ``G_q`` divides ``out``."""
+    """Raise SchemeError unless ``G`` divides ``in`` (any ``out`` works: second-level groups are padded)."""
     check_group_size(tuple(shape), scheme.group_size)
-    if scheme.bilevel:
-        check_scale_group_size(shape[0], scheme.scale_group_size)
 
 
+@torch.no_grad()
 def encode_weight(w: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor) -> QuantizedWeight:
     """Codes of ``w`` ``(out, in)`` for first-level ``scale`` (float) and ``zero`` (integer) ``(out, in/G)``.
 
@@ -147,6 +146,7 @@ def encode_weight(w: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zer
     return QuantizedWeight(scheme=scheme, shape=tuple(w.shape), q=q, zero=zero, **fields)
 
 
+@torch.no_grad()
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme, clip_min=None, clip_max=None) -> QuantizedWeight:
     """Round-to-nearest with ``scheme`` (eq. 1, and eq. 2 when bilevel) of ``clamp(w, clip_min, clip_max)``.
 

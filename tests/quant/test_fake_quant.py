@@ -61,16 +61,18 @@ def test_learnable_scale_zero_trains_and_exports_exactly():
     scheme = QuantScheme.parse("w2g16g16")
     fake = FakeQuantLinear.from_linear(linear(), scheme, learnable="scale_zero")
     assert torch.equal(fake.fake_weight(), quantize_weight(fake.weight, scheme).dequantize())
-    opt = torch.optim.SGD(fake.parameters(), lr=1e-2)
     x, target = torch.randn(16, 64), torch.randn(16, 32)
     losses = []
     for _ in range(3):
-        opt.zero_grad()
         loss = (fake(x) - target).pow(2).mean()
         loss.backward()
         losses.append(loss.item())
         assert fake.scale.grad.abs().sum() > 0 and fake.zero.grad.abs().sum() > 0
-        opt.step()
+        with torch.no_grad():  # plain SGD (torch.optim's first use costs a second of imports)
+            for param in fake.parameters():
+                param -= 1e-2 * param.grad
+                param.grad = None
+    assert losses[-1] < losses[0]
     assert torch.equal(fake.fake_weight().detach(), fake.to_quantized_weight().dequantize())
     assert torch.equal(fake.to_linear(torch.float32).weight, fake.to_quantized_weight().dequantize())
 

@@ -1,0 +1,254 @@
+"""Train a tiny preset on the synthetic benchmark's TRAIN split and save it as package data.
+
+    python -m speedq_plugins.tiny_models.train --model tiny-internvl \\
+        --out speedq_plugins/tiny_weights/tiny-internvl
+
+What it does, deterministically (fixed seed, 2 CPU threads, fixed data order):
+
+* the model is the adapter's ``tiny_config()``, initialised from ``--seed``;
+* step ``t`` trains on train-split samples ``t*B .. t*B+B-1`` of :mod:`speedq_plugins.synthetic`
+  (fresh samples every step, never the test split), each asked exactly as VLMEvalKit asks it
+  (``sample.prompt``) with the answer letter as target (``answer_ce`` on the answer tokens);
+* the project's own loop (:func:`speedq_core.training.loop.train`), AdamW without weight decay,
+  linear warmup then cosine decay;
+* the result is scored in-process on the TEST split (greedy first answer token), saved with
+  ``save_pretrained`` (``config.json`` + ``model.safetensors``) and logged to ``train_log.json``
+  (settings, seed, wall time, losses, accuracy per category).
+
+Only the logits of the answer positions are computed during training (``logits_to_keep``); the
+loss is the same as over the full sequence because labels are -100 elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from speedq_core.adapter import FamilyAdapter, ModelInputs
+from speedq_core.training.loop import TrainConfig, seed_everything, train
+from speedq_core.training.losses import IGNORE, answer_ce
+
+# Preset name -> family adapter name. These are the presets whose weights are shipped.
+TRAINED_PRESETS = {"tiny-internvl": "internvl", "tiny-qwen2-vl": "qwen2_vl"}
+LETTERS = "ABCD"
+
+
+def adapter_for(preset: str) -> FamilyAdapter:
+    """The family adapter of a trained tiny preset (imported directly: no plugin discovery)."""
+    family = TRAINED_PRESETS.get(preset)
+    if family == "internvl":
+        from speedq_plugins.families.internvl import InternVLAdapter
+
+        return InternVLAdapter()
+    if family == "qwen2_vl":
+        from speedq_plugins.families.qwen2_vl import Qwen2VLAdapter
+
+        return Qwen2VLAdapter()
+    raise ValueError(f"no training recipe for {preset!r}: use one of {', '.join(TRAINED_PRESETS)}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1500
+    batch_size: int = 48
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    data_seed: int = 0  # seed of the synthetic benchmark (the benchmark's own default)
+    threads: int = 2
+    eval_samples: int = 700  # TEST samples scored at the end (700 = the whole SpeedqSynth_TEST)
+    eval_every: int = 0  # >0: also score `probe_samples` test samples every that many steps
+    probe_samples: int = 140
+    categories: tuple[str, ...] = field(default=())  # empty = all
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def _samples(split: str, start: int, n: int, data_seed: int, categories: Sequence[str] = ()) -> list[Any]:
+    from speedq_plugins.synthetic import generate_sample, iter_samples
+
+    if not categories:
+        return list(iter_samples(split, n, seed=data_seed, start=start))
+    # keep only the chosen categories: sample i of the split has category CATEGORIES[i % 7]
+    from speedq_plugins.synthetic import CATEGORIES
+
+    wanted = [CATEGORIES.index(c) for c in categories]
+    out, index = [], 0
+    k = start
+    while len(out) < n:
+        cycle, slot = divmod(k, len(wanted))
+        index = cycle * len(CATEGORIES) + wanted[slot]
+        out.append(generate_sample(index, split, seed=data_seed))
+        k += 1
+    return out
+
+
+def make_batch_at(adapter: FamilyAdapter, processor: Any, settings: TrainSettings):
+    """``batch_at(step, rank, world)``: the ModelInputs of train samples ``step*B ..`` (a pure
+    function of the step, as the loop requires)."""
+
+    def batch_at(step: int, rank: int = 0, world: int = 1) -> ModelInputs:
+        b = settings.batch_size
+        samples = _samples("train", (step * world + rank) * b, b, settings.data_seed, settings.categories)
+        return adapter.build_inputs(
+            processor, [s.image for s in samples], [s.prompt for s in samples], [s.answer for s in samples]
+        )
+
+    return batch_at
+
+
+def answer_loss(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """``answer_ce`` computing only the logits that predict answer tokens (rows are left-padded,
+    so answers end every row: the last ``k`` positions cover them)."""
+    labels = inputs.labels
+    first = int((labels != IGNORE).any(0).nonzero()[0])
+    keep = labels.shape[1] - first + 1
+    logits = model(**inputs.model_kwargs(), logits_to_keep=keep).logits
+    return answer_ce(logits, labels[:, -keep:])
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def direct_accuracy(
+    adapter: FamilyAdapter,
+    model: nn.Module,
+    processor: Any,
+    samples: Iterable[Any],
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Percent of samples whose greedy first answer token is the right letter: ``{"Overall": pct,
+    category: pct, ...}``. The argmax runs over the whole vocabulary, as greedy decoding does, so
+    it is what ``adapter.generate`` would answer (its first word)."""
+    was_training = model.training
+    model.eval()
+    tokenizer = processor.tokenizer
+    letter_ids = {tokenizer.convert_tokens_to_ids(c): c for c in LETTERS}
+    hits: dict[str, list[int]] = defaultdict(list)
+    samples = list(samples)
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        inputs = adapter.build_inputs(processor, [s.image for s in chunk], [s.prompt for s in chunk])
+        logits = model(**inputs.model_kwargs(), logits_to_keep=1).logits[:, -1]
+        for s, token in zip(chunk, logits.argmax(-1).tolist()):
+            hits[s.category].append(int(letter_ids.get(token) == s.answer))
+    model.train(was_training)
+    every = [h for v in hits.values() for h in v]
+    scores = {"Overall": 100.0 * sum(every) / max(1, len(every))}
+    scores.update({c: 100.0 * sum(v) / len(v) for c, v in hits.items()})
+    return scores
+
+
+def test_samples(n: int, data_seed: int = 0) -> list[Any]:
+    """The first ``n`` samples of the TEST split (``SpeedqSynth_TEST`` is the first 700)."""
+    return _samples("test", 0, n, data_seed)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def build_tiny(preset: str, seed: int) -> tuple[FamilyAdapter, nn.Module, Any]:
+    adapter = adapter_for(preset)
+    config = adapter.tiny_config()
+    seed_everything(seed)
+    model = adapter.build_model(config, dtype=torch.float32)
+    return adapter, model, adapter.tiny_processor(config)
+
+
+def train_tiny(
+    preset: str,
+    settings: TrainSettings,
+    out: str | Path | None = None,
+    log: Any = print,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``preset`` with ``settings``; save to ``out`` (if given); return (model, log record)."""
+    torch.set_num_threads(settings.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    adapter, model, processor = build_tiny(preset, settings.seed)
+    batch_at = make_batch_at(adapter, processor, settings)
+    cfg = TrainConfig(
+        steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps, schedule="cosine", grad_clip=settings.grad_clip,
+        seed=settings.seed, betas=tuple(settings.betas),
+    )
+    probes = test_samples(settings.probe_samples, settings.data_seed) if settings.eval_every else []
+    curve: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        if settings.eval_every and (step + 1) % settings.eval_every == 0:
+            acc = direct_accuracy(adapter, model, processor, probes)
+            curve.append({"step": step + 1, "seconds": round(time.perf_counter() - started, 1), **acc})
+            cats = " ".join(f"{k}={v:.0f}" for k, v in acc.items())
+            log(f"step {step + 1} loss {loss:.4f} t={time.perf_counter() - started:.0f}s  {cats}")
+
+    losses = train(model, batch_at, answer_loss, cfg, desc=f"train {preset}", on_step=on_step)
+    wall = time.perf_counter() - started
+    accuracy = direct_accuracy(adapter, model, processor, test_samples(settings.eval_samples, settings.data_seed))
+    log(f"{preset}: {settings.steps} steps in {wall:.0f}s, test accuracy " +
+        " ".join(f"{k}={v:.1f}" for k, v in accuracy.items()))
+    record = {
+        "preset": preset,
+        "settings": asdict(settings),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_wall_seconds": round(wall, 1),
+        "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "loss_every_50": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)],
+        "test_accuracy": {k: round(v, 2) for k, v in accuracy.items()},
+        "test_samples": settings.eval_samples,
+        "probe_curve": curve,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": f"python -m speedq_plugins.tiny_models.train --model {preset} --out <dir>",
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        (out / "train_log.json").write_text(json.dumps(record, indent=2) + "\n")
+        log(f"saved {out}")
+    return model, record
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=sorted(TRAINED_PRESETS))
+    parser.add_argument("--out", help="folder for config.json + model.safetensors + train_log.json")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--categories", default="", help="comma-separated subset (experiments only)")
+    args = parser.parse_args(argv)
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        seed=args.seed, threads=args.threads, eval_samples=args.eval_samples, eval_every=args.eval_every,
+        categories=tuple(c for c in args.categories.split(",") if c),
+    )
+    train_tiny(args.model, settings, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -200,7 +200,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
             d = U1[i, i]
             err = (w - w_hat) / d
             loss += (err * err).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 

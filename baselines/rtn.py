@@ -2,7 +2,12 @@
 
 Each selected ``nn.Linear`` weight W (out, in) becomes q = clamp(round(W/s) + z, 0, 2^b - 1) with
 per-group min-max scale and zero (``speedq_core.quant.groupwise``; bilevel scales when the scheme
-has a second level), stored as a ``QuantLinear``.
+has a second level), stored as a ``QuantLinear``. The token embedding table (V, h), when the part
+``embeddings`` is asked, is quantized the same way along h and stored as a ``QuantEmbedding``.
+
+A tied lm_head is the embedding table itself: quantizing either part quantizes that one tensor once,
+with the scheme given (the two must agree when both are given), and the head becomes a QuantLinear
+over the embedding's buffers (see ``speedq_core.quant.qembedding``).
 """
 from __future__ import annotations
 
@@ -14,7 +19,32 @@ from speedq_core.adapter import FamilyAdapter
 from speedq_core.errors import SchemeError
 from speedq_core.hookspecs import hookimpl
 from speedq_core.method import Method, QuantContext
-from speedq_core.quant import QuantLinear, quantize_weight, swap_linears
+from speedq_core.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantScheme,
+    quantize_weight,
+    swap_embeddings,
+    swap_linears,
+    tied_linears,
+)
+
+
+def merge_tied_head(model: nn.Module, adapter: FamilyAdapter,
+                    schemes: dict[str, QuantScheme]) -> dict[str, QuantScheme]:
+    """``schemes`` with a tied ``lm_head`` folded into ``embeddings`` (one tensor, quantized once)."""
+    if adapter.lm_head_path not in tied_linears(model, adapter.embeddings_path):
+        return dict(schemes)
+    embeddings, head = schemes.get("embeddings"), schemes.get("lm_head")
+    if embeddings and head and embeddings != head:
+        raise SchemeError(
+            f"lm_head is tied to the embeddings (one tensor) but got {head.name} and {embeddings.name}: "
+            "give both parts the same scheme, or only one of them"
+        )
+    merged = {part: scheme for part, scheme in schemes.items() if part != "lm_head"}
+    if embeddings or head:
+        merged["embeddings"] = embeddings or head
+    return merged
 
 
 class RTN(Method):
@@ -25,14 +55,19 @@ class RTN(Method):
 
     def quantize(self, model: nn.Module, adapter: FamilyAdapter, ctx: QuantContext) -> dict[str, Any]:
         summary: dict[str, Any] = {}
-        for part, scheme in ctx.schemes.items():
+        for part, scheme in merge_tied_head(model, adapter, ctx.schemes).items():
+            if part == "embeddings":
+                def make_embedding(name: str, embedding: nn.Embedding, scheme=scheme) -> QuantEmbedding:
+                    return QuantEmbedding.from_embedding(embedding, quantize_weight(embedding.weight.data, scheme))
+
+                names = swap_embeddings(model, [adapter.embeddings_path], make_embedding)
+                summary[part] = {"scheme": scheme.name, "modules": names}
+                ctx.log(f"rtn: embeddings: {', '.join(names)} -> {scheme.name}")
+                continue
             linears = adapter.linears(model, part)
 
             def make(name: str, linear: nn.Linear, scheme=scheme) -> QuantLinear:
-                try:
-                    return QuantLinear.from_linear(linear, quantize_weight(linear.weight.data, scheme))
-                except SchemeError as exc:
-                    raise SchemeError(f"{name}: {exc}") from None
+                return QuantLinear.from_linear(linear, quantize_weight(linear.weight.data, scheme))
 
             swap_linears(model, list(linears), make)
             summary[part] = {"scheme": scheme.name, "linears": len(linears)}

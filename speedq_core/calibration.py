@@ -278,7 +278,7 @@ class BlockInputs:
         return BlockInputs([s.with_hidden(o) for s, o in zip(self.samples, outputs)])
 
 
-def _image_token_id(model: nn.Module) -> int | None:
+def image_token_id(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for key in ("image_token_id", "image_token_index"):
         value = getattr(config, key, None)
@@ -287,7 +287,7 @@ def _image_token_id(model: nn.Module) -> int | None:
     return None
 
 
-def token_masks(batch: Batch, image_token_id: int | None) -> dict[str, torch.Tensor] | None:
+def token_masks(batch: Batch, image_token: int | None) -> dict[str, torch.Tensor] | None:
     """``valid``/``image``/``text``/``answer`` boolean ``(B, T)`` masks of a batch with ``input_ids``."""
     kwargs = batch_kwargs(batch)
     ids = kwargs.get("input_ids")
@@ -295,7 +295,7 @@ def token_masks(batch: Batch, image_token_id: int | None) -> dict[str, torch.Ten
         return None
     attention = kwargs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention.bool()
-    image = (ids == image_token_id) & valid if image_token_id is not None else torch.zeros_like(valid)
+    image = (ids == image_token) & valid if image_token is not None else torch.zeros_like(valid)
     labels = batch_labels(batch)
     answer = (labels != IGNORE_INDEX) & valid if labels is not None else torch.zeros_like(valid)
     return {"valid": valid, "image": image, "text": valid & ~image, "answer": answer}
@@ -316,7 +316,7 @@ def capture_block_inputs(model: nn.Module, adapter: FamilyAdapter, part: str, ba
         stored.append((args, kwargs))
         raise _StopForward
 
-    image_token = _image_token_id(model)
+    image_token = image_token_id(model)
     samples = []
     handle = unit.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -434,7 +434,7 @@ def model_linear_inputs(model: nn.Module, batches: Iterable[Batch], names: Itera
                         fn: Callable[[str, torch.Tensor], None]) -> None:
     """Full forwards of ``model`` calling ``fn(name, tokens (n, in))`` with each named linear's inputs
     (valid tokens when the input is laid out as the batch's tokens). For linears outside any block."""
-    image_token = _image_token_id(model)
+    image_token = image_token_id(model)
     for batch in batches:
         masks = token_masks(batch, image_token)
         sample = BlockSample((), {}, masks)

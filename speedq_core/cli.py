@@ -100,6 +100,22 @@ def info_cmd(model: str) -> None:
             console.print(f"[bold]{part}[/bold] linears: {listed}")
 
 
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values parse as JSON where they can (numbers, true/false), else stay strings."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
@@ -115,8 +131,14 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--model-path", default=None, help="folder with the real weights (save_pretrained layout)")
 @click.option("--out", default=None, help="run directory (default runs/<model>-<method>-<scheme>)")
 @click.option("--lmudata", default=None, help="VLMEvalKit data folder (default $LMUData or ~/LMUData)")
+@click.option("--calib-data", default=None,
+              help="calibration data: LLaVA JSON, image folder, or a generated benchmark (tiny presets: SpeedqSynth_TRAIN)")
+@click.option("--calib-images", default=None, help="image root of a --calib-data JSON")
+@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--option", "-o", "options", multiple=True, help="method option KEY=VALUE (repeatable)")
 @click.option("--seed", default=42, show_default=True, type=int)
-def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, out, lmudata, seed) -> None:
+def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, out, lmudata, calib_data,
+            calib_images, calib_samples, options, seed) -> None:
     """Quantize MODEL with METHOD, export it, size it and evaluate it, in one resumable run directory."""
     from pathlib import Path
 
@@ -128,7 +150,8 @@ def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, 
     preset = registry.model(model)
     benchmarks = () if no_eval else (_split(data) or (("synthetic",) if preset.tiny else ()))
     config = resolve_config(registry, plugins, model, method, bits, scheme, _split(components) or None,
-                            benchmarks, seed, model_path)
+                            benchmarks, seed, model_path, _parse_options(options), calib_data, calib_images,
+                            calib_samples)
     run_dir = Path(out) if out else Path("runs") / config.label
     console.print(f"[bold]speedq run[/bold] {config.label} -> {run_dir}")
     results = execute(config, run_dir, registry, plugins, progress=console.log, lmudata=lmudata)

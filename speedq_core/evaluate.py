@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from speedq_core.errors import suggest
-from speedq_core.lmudata import (BenchmarkError, atomic_write_bytes, ensure_writable,
-                                 inspect_custom_tsv, local_benchmarks, resolve_lmudata)
+from speedq_core.lmudata import (BenchmarkError, atomic_write_bytes, inspect_custom_tsv,
+                                 local_benchmarks, resolve_lmudata)
 
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 MCQ_SUFFIX_CN = "请直接回答选项字母。"
@@ -242,6 +242,15 @@ def _check_official(info: OfficialBenchmark, root: Path) -> Benchmark:
     return Benchmark(name, tsv, "VQA" if name in SCORED_VQA else info.kind, official=True)
 
 
+def _generate(name: str, generator: Callable[[Path], Path], root: Path) -> Path:
+    try:
+        return Path(generator(root))
+    except OSError as err:
+        raise BenchmarkError(
+            f"cannot write benchmark {name} into LMUData folder {root} ({err}): pass a writable folder as LMUData"
+        ) from err
+
+
 def check_benchmarks(
     names: Sequence[str], lmudata: str | os.PathLike | None = None, generators: Generators | None = None
 ) -> list[Benchmark]:
@@ -249,7 +258,7 @@ def check_benchmarks(
 
     For each name, in order: a benchmark in ``generators`` (name -> ``fn(lmudata) -> tsv``, e.g.
     ``speedq_plugins.synthetic.benchmark_generators()``) is written on demand (LMUData must be
-    writable); an official VLMEvalKit name needs its TSV in LMUData with VLMEvalKit's md5 and a
+    writable if the file is missing or stale); an official VLMEvalKit name needs its TSV in LMUData with VLMEvalKit's md5 and a
     type scored without a judge; any other name needs ``$LMUData/<name>.tsv`` with the columns of a
     custom MCQ or Y/N benchmark and decodable images. Raises :class:`BenchmarkError` naming the fix
     (never touches the network). Returns the checked benchmarks in order.
@@ -260,8 +269,7 @@ def check_benchmarks(
     checked = []
     for name in names:
         if name in generators:
-            ensure_writable(root)
-            tsv = Path(generators[name](root))
+            tsv = _generate(name, generators[name], root)
             checked.append(Benchmark(name, tsv, inspect_custom_tsv(tsv), official=False))
         elif name in official:
             checked.append(_check_official(official[name], root))

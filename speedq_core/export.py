@@ -5,13 +5,19 @@ A packed export directory holds::
     model.safetensors   the model's state_dict: every non-quantized tensor in its own dtype, and for
                         each QuantLinear ``<name>`` its packed buffers ``<name>.codes``,
                         ``<name>.zeros`` and ``<name>.scales`` (single level) or ``<name>.scale_codes``,
-                        ``<name>.scale2``, ``<name>.min2`` (bilevel), plus ``<name>.bias``
+                        ``<name>.scale2``, ``<name>.min2`` (bilevel), plus ``<name>.bias``; each
+                        QuantEmbedding ``<name>`` the same packed buffers (no bias)
     quant_config.json   {"format": "speedq-packed", "version": 1,
-                         "modules": {name: {"scheme", "shape", "bias"}}, "tied": {alias: kept}, ...extra}
+                         "modules": {name: {"scheme", "shape", "bias"}},
+                         "embeddings": {name: {"scheme", "shape", "padding_idx", "dtype"}},
+                         "tied": {alias: kept}, ...extra}
     manifest.json       {"files": {file: {"bytes", "sha256"}}} for every other file
 
-Tensors shared between several names (tied embeddings) are written once; ``tied`` maps the other
-names to the one written. Every directory is written into a temporary sibling and renamed into
+``embeddings`` was added within version 1 and is optional when read (absent: none quantized), so
+every earlier export still loads; an older speedq reading an export with quantized embeddings stops
+at "tensor ... is not in the model". Tensors shared between several names (tied embeddings, and a
+tied quantized lm_head, whose packed buffers are the embedding's) are written once; ``tied`` maps the
+other names to the one written. Every directory is written into a temporary sibling and renamed into
 place, so an interrupted export leaves nothing under ``out_dir``.
 """
 from __future__ import annotations
@@ -34,17 +40,25 @@ from torch import nn
 
 from speedq_core.errors import CheckpointError, SpeedqError
 from speedq_core.quant.fake_quant import FakeQuantLinear
+from speedq_core.quant.qembedding import QuantEmbedding
 from speedq_core.quant.qlinear import QuantLinear
 from speedq_core.quant.qweight import packed_layout
 from speedq_core.quant.scheme import QuantScheme
-from speedq_core.quant.swap import find_linears, swap_linears, to_plain_linears
+from speedq_core.quant.swap import (
+    find_embeddings,
+    find_linears,
+    swap_embeddings,
+    swap_linears,
+    to_plain_embeddings,
+    to_plain_linears,
+)
 
 FORMAT = "speedq-packed"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quant_config.json"
 MANIFEST_FILE = "manifest.json"
-_RESERVED = ("format", "version", "modules", "tied")
+_RESERVED = ("format", "version", "modules", "embeddings", "tied")
 _CHUNK = 1 << 22
 
 
@@ -126,7 +140,8 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, extra_config: dict | None = None) -> Path:
-    """Write ``model`` (its QuantLinear modules packed) to ``out_dir``, atomically; returns the directory."""
+    """Write ``model`` (its QuantLinear and QuantEmbedding modules packed) to ``out_dir``, atomically;
+    returns the directory."""
     fake = [name for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if fake:
         raise CheckpointError(
@@ -141,8 +156,15 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, extra_config: d
         for name, m in model.named_modules()
         if isinstance(m, QuantLinear)
     }
+    embeddings = {
+        name: {"scheme": m.scheme.name, "shape": list(m.shape), "padding_idx": m.padding_idx,
+               "dtype": str(m.dtype).removeprefix("torch.")}
+        for name, m in model.named_modules()
+        if isinstance(m, QuantEmbedding)
+    }
     state, tied = _dedupe(model.state_dict())
-    config = {"format": FORMAT, "version": VERSION, "modules": modules, "tied": tied, **extra_config}
+    config = {"format": FORMAT, "version": VERSION, "modules": modules, "embeddings": embeddings, "tied": tied,
+              **extra_config}
     out_dir = Path(out_dir)
     with _atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -165,23 +187,25 @@ def read_quant_config(in_dir: str | os.PathLike) -> dict:
     return config
 
 
-def _quant_modules(config: dict, config_path: Path, linears: dict[str, nn.Linear]) -> dict[str, QuantScheme]:
-    """Check each configured module against the skeleton; returns {name: scheme}."""
+def _quant_modules(entries: dict, config_path: Path, skeleton: dict[str, nn.Module],
+                   kind: str) -> dict[str, QuantScheme]:
+    """Check each configured module against the skeleton's ``kind`` ("linear" or "embedding") modules;
+    returns {name: scheme}."""
     schemes = {}
-    for name, entry in config["modules"].items():
+    for name, entry in entries.items():
         try:
             schemes[name] = QuantScheme.parse(entry["scheme"])
         except SpeedqError as exc:
             raise CheckpointError(f"{config_path}: module {name!r} has an unknown scheme ({exc})") from None
-        if name not in linears:
+        if name not in skeleton:
             raise CheckpointError(
-                f"{config_path}: module {name!r} is not an nn.Linear of the model skeleton: "
+                f"{config_path}: module {name!r} is not an nn.{kind.title()} of the model skeleton: "
                 "build the skeleton of the model that was exported"
             )
-        want = list(linears[name].weight.shape)
+        want = list(skeleton[name].weight.shape)
         if list(entry["shape"]) != want:
             raise CheckpointError(
-                f"{config_path}: module {name!r} has shape {entry['shape']} but the skeleton's linear is {want}: "
+                f"{config_path}: module {name!r} has shape {entry['shape']} but the skeleton's {kind} is {want}: "
                 "build the skeleton from the exported model's config"
             )
     return schemes
@@ -195,9 +219,10 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def load_quantized(model_skeleton: nn.Module, in_dir: str | os.PathLike) -> nn.Module:
-    """Load a :func:`save_quantized` export into ``model_skeleton`` (same architecture, plain linears).
+    """Load a :func:`save_quantized` export into ``model_skeleton`` (same architecture, plain modules).
 
-    The named linears become QuantLinear modules and every tensor takes the saved dtype, so outputs
+    The named linears and embeddings become QuantLinear and QuantEmbedding modules (a tied quantized
+    head shares its embedding's buffers again) and every tensor takes the saved dtype, so outputs
     are bit-identical to the model that was saved. Returns the model.
     """
     in_dir = Path(in_dir)
@@ -206,24 +231,45 @@ def load_quantized(model_skeleton: nn.Module, in_dir: str | os.PathLike) -> nn.M
     verify_manifest(in_dir)
     config = read_quant_config(in_dir)
     weights_path = in_dir / WEIGHTS_FILE
-    schemes = _quant_modules(config, in_dir / CONFIG_FILE, find_linears(model_skeleton))
+    config_path = in_dir / CONFIG_FILE
+    schemes = _quant_modules(config["modules"], config_path, find_linears(model_skeleton), "linear")
+    entries = config.get("embeddings", {})
+    embedding_schemes = _quant_modules(entries, config_path, find_embeddings(model_skeleton), "embedding")
+    tied = config.get("tied", {})
     with safe_open(str(weights_path), framework="pt") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def packed_tensors(name: str, keys: list[str]) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` of ``<name>.<key>``, through ``tied`` for a head that shares an embedding's buffers."""
+        full = {key: tied.get(f"{name}.{key}", f"{name}.{key}") for key in keys}
+        missing = [f"{name}.{key}" for key, stored in full.items() if stored not in state]
+        if missing:
+            raise CheckpointError(f"{weights_path}: tensor {missing[0]!r} is missing: export the model again")
+        return {key: state[stored] for key, stored in full.items()}
 
     def make(name: str, linear: nn.Linear) -> QuantLinear:
         scheme, shape = schemes[name], tuple(linear.weight.shape)
         keys = [*packed_layout(scheme, shape), *(["bias"] if config["modules"][name]["bias"] else [])]
-        missing = [f"{name}.{key}" for key in keys if f"{name}.{key}" not in state]
-        if missing:
-            raise CheckpointError(f"{weights_path}: tensor {missing[0]!r} is missing: export the model again")
-        packed = {key: state[f"{name}.{key}"] for key in keys}
+        packed = packed_tensors(name, keys)
         try:
             return QuantLinear.from_packed(packed, scheme, shape, packed.pop("bias", None))
         except CheckpointError as exc:
             raise CheckpointError(f"{weights_path}: module {name!r}: {exc}") from None
 
-    swap_linears(model_skeleton, schemes, make)
-    tied = config.get("tied", {})
+    def make_embedding(name: str, embedding: nn.Embedding) -> QuantEmbedding:
+        scheme, shape, entry = embedding_schemes[name], tuple(embedding.weight.shape), entries[name]
+        packed = packed_tensors(name, list(packed_layout(scheme, shape)))
+        dtype = getattr(torch, entry["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{config_path}: embedding {name!r} has an unknown dtype {entry['dtype']!r}: "
+                                  "export the model again")
+        try:
+            return QuantEmbedding.from_packed(packed, scheme, shape, entry["padding_idx"], dtype)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{weights_path}: module {name!r}: {exc}") from None
+
+    swap_linears(model_skeleton, schemes, make)  # first: a tied head becomes a QuantLinear over the shared buffers
+    swap_embeddings(model_skeleton, embedding_schemes, make_embedding)
     expected = model_skeleton.state_dict()
     missing = [key for key in expected if key not in state and key not in tied]
     unexpected = [key for key in state if key not in expected]
@@ -244,12 +290,14 @@ def load_quantized(model_skeleton: nn.Module, in_dir: str | os.PathLike) -> nn.M
 
 
 def save_dequantized(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a copy of ``model`` with every quantized linear turned into ``nn.Linear(w_hat)``, all in ``dtype``.
+    """Write a copy of ``model`` with every quantized linear and embedding turned into ``nn.Linear(w_hat)`` /
+    ``nn.Embedding(w_hat)`` (a tied head tied again), all in ``dtype``.
 
     Uses the copy's ``save_pretrained`` when it has one (so ``from_pretrained`` loads it), else writes
     ``model.safetensors``. Atomic like :func:`save_quantized`; returns the directory.
     """
     plain = copy.deepcopy(model)
+    to_plain_embeddings(plain, dtype)
     to_plain_linears(plain, dtype)
     plain.to(dtype)
     out_dir = Path(out_dir)

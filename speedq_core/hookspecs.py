@@ -33,3 +33,12 @@ def speedq_methods() -> list:
 
     Each method's ``name`` must be unique across all plugins.
     """
+
+
+@hookspec
+def speedq_benchmarks() -> list:
+    """Return benchmarks this plugin writes on demand (``speedq_core.lmudata.GeneratedBenchmark``).
+
+    Each has a ``name`` (the VLMEvalKit dataset name it is evaluated under) and
+    ``write(lmudata_dir) -> Path``, which writes ``<lmudata_dir>/<name>.tsv`` in VLMEvalKit's format.
+    """

@@ -15,7 +15,10 @@ import io
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from speedq_core.errors import SpeedqError
 
@@ -164,3 +167,15 @@ def _check_images(name: str, path: Path, columns: list[str], rows: list[dict[str
                 f"benchmark {name}: image_path {cell!r} of row index={row.get('index')} is not a file: "
                 f"give absolute paths or paths relative to {images_dir}"
             )
+
+
+@dataclass(frozen=True)
+class GeneratedBenchmark:
+    """A benchmark a plugin writes on demand: ``write(lmudata_dir)`` returns the TSV it wrote."""
+
+    name: str
+    write: Callable[[Path], Path]
+    description: str = ""
+    # (n, seed) -> (PIL image, prompt, answer) triples: lets the benchmark serve as calibration /
+    # training data (e.g. a train split); None when it is evaluation-only.
+    samples: Callable[[int, int], Iterable[tuple[Any, str, str]]] | None = None

@@ -40,6 +40,7 @@ class Plugins:
 
     families: dict[str, Provided] = field(default_factory=dict)
     methods: dict[str, Provided] = field(default_factory=dict)
+    benchmarks: dict[str, Provided] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # plugin name -> one-line error
     loaded: dict[str, str] = field(default_factory=dict)  # plugin name -> source file
     manager: pluggy.PluginManager | None = None
@@ -55,6 +56,10 @@ class Plugins:
         if name not in self.methods:
             raise UnknownNameError("method", name, self.methods)
         return self.methods[name].obj
+
+    def benchmark_writers(self) -> dict:
+        """Generated benchmarks by name -> ``write(lmudata_dir) -> tsv path`` (for evaluate)."""
+        return {name: p.obj.write for name, p in self.benchmarks.items()}
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -113,6 +118,7 @@ def get_plugins(extra: dict[str, Any] | None = None) -> Plugins:
             found.loaded.pop(bad, None)
     _collect(found, "speedq_families", found.families)
     _collect(found, "speedq_methods", found.methods)
+    _collect(found, "speedq_benchmarks", found.benchmarks)
     return found
 
 
@@ -133,7 +139,7 @@ def _collect(found: Plugins, hook_name: str, into: dict[str, Provided]) -> None:
             if name in into:
                 other = into[name].plugin
                 raise PluginError(
-                    f"{hook_name[7:-1]} {name!r} is provided by both plugin {other!r} and plugin "
+                    f"{hook_name[7:]} entry {name!r} is provided by both plugin {other!r} and plugin "
                     f"{plugin!r}: uninstall one of them or set {LOAD_ENV} to choose"
                 )
             into[name] = Provided(name, obj, plugin, found.loaded.get(plugin, "?"))

@@ -22,15 +22,17 @@ from typing import Any, Callable
 
 import torch
 
-from speedq_core.adapter import COMPONENTS
+from speedq_core.adapter import COMPONENTS, EXTRA_PARTS
 from speedq_core.errors import SpeedqError, UnknownNameError
+from speedq_core.calibration import CalibrationSet
 from speedq_core.method import QuantContext
 from speedq_core.models import LoadedModel, load_model
 from speedq_core.plugins import Plugins, get_plugins
 from speedq_core.registry import Registry, load_registry
 from speedq_core.report import run_report_md
 
-QUANTIZABLE_PARTS = (*COMPONENTS, "lm_head")
+QUANTIZABLE_PARTS = (*COMPONENTS, *EXTRA_PARTS)  # EXTRA_PARTS: embeddings, lm_head
+DEFAULT_TINY_CALIBRATION = "SpeedqSynth_TRAIN"  # calibration/training data of the tiny presets
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class RunConfig:
     seed: int = 42
     model_path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    calib_data: str | None = None  # LLaVA JSON, image folder, or a generated benchmark's name
+    calib_images: str | None = None  # image root of a LLaVA JSON
+    calib_samples: int = 128
 
     @property
     def label(self) -> str:
@@ -64,6 +69,9 @@ def resolve_config(
     seed: int = 42,
     model_path: str | None = None,
     options: dict[str, Any] | None = None,
+    calib_data: str | None = None,
+    calib_images: str | None = None,
+    calib_samples: int = 128,
 ) -> RunConfig:
     """Validate every name up front (model, method, bits, scheme, components) into a RunConfig."""
     preset = registry.model(model)
@@ -80,8 +88,36 @@ def resolve_config(
     expanded: list[str] = []
     for bench in benchmarks:
         expanded.extend(registry.suites[bench].benchmarks if bench in registry.suites else [bench])
+    if calib_data is None and preset.tiny:
+        calib_data = DEFAULT_TINY_CALIBRATION
     return RunConfig(model, method, bits, {p: resolved.name for p in parts}, tuple(expanded), seed,
-                     model_path, dict(options or {}))
+                     model_path, dict(options or {}), calib_data, calib_images, calib_samples)
+
+
+def build_calibration(config: RunConfig, plugins: Plugins, processor: Any) -> CalibrationSet | None:
+    """The run's calibration set: a generated benchmark's samples, a LLaVA JSON + image root, or an
+    image folder (vision-only); None when no source was given."""
+    source = config.calib_data
+    if source is None:
+        return None
+    n = config.calib_samples
+    if source in plugins.benchmarks:
+        provider = plugins.benchmarks[source].obj
+        if provider.samples is None:
+            raise SpeedqError(f"benchmark {source} provides no training samples: pick another --calib-data")
+        calib = CalibrationSet.from_triples(provider.samples(n, config.seed), n=n)
+    elif Path(source).is_dir():
+        calib = CalibrationSet.from_image_folder(source, n=n, seed=config.seed)
+    elif Path(source).is_file():
+        if not config.calib_images:
+            raise SpeedqError(f"--calib-data {source} needs --calib-images DIR, the root its image paths are relative to")
+        calib = CalibrationSet.from_llava_json(source, config.calib_images, n=n, seed=config.seed)
+    else:
+        raise SpeedqError(
+            f"--calib-data {source} is neither a file, a folder nor a generated benchmark "
+            f"({', '.join(sorted(plugins.benchmarks)) or 'none installed'}): fix the path"
+        )
+    return calib.with_processor(processor)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -151,6 +187,7 @@ def execute(
         ctx = QuantContext(
             schemes={p: registry.scheme(s) for p, s in config.schemes.items()},
             out_dir=run_dir / "stages", seed=config.seed, options=config.options, progress=log,
+            calibration=build_calibration(config, plugins, loaded.processor) if method.needs_calibration else None,
         )
         start = time.perf_counter()
         summary = method.quantize(loaded.model, adapter, ctx)
@@ -166,7 +203,8 @@ def execute(
         from speedq_core.evaluate import evaluate
 
         scores = evaluate(adapter, loaded.model, loaded.processor, list(config.benchmarks),
-                          work_dir=run_dir / "eval", model_name=config.label, lmudata=lmudata)
+                          work_dir=run_dir / "eval", model_name=config.label, lmudata=lmudata,
+                          generators=plugins.benchmark_writers())
         results["scores"] = scores
     write_json_atomic(run_dir / "results.json", results)
     write_text_atomic(run_dir / "report.md", run_report_md(results))

@@ -1,7 +1,8 @@
 """Model size accounting: bytes, weights and bits per weight per component, packed overhead included.
 
 ``component_of`` maps a tensor name (``language_model.model.layers.0.mlp.down_proj.weight``; a
-QuantLinear counts as its ``<name>.weight``) to a component such as ``vision``, ``projector``,
+QuantLinear or QuantEmbedding counts as its ``<name>.weight``; a quantized head tied to the
+embedding shares its buffers and is counted once, under the first name) to a component such as ``vision``, ``projector``,
 ``language``, ``embeddings``, ``lm_head`` or ``other``. Sizes are MiB (2^20 bytes), which is what the
 paper's "MB" are: InternVL3-1B has 938M parameters, 2 bytes each = 1789 MiB.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speedq_core.quant.qembedding import QuantEmbedding, storage_id
 from speedq_core.quant.qlinear import QuantLinear
 from speedq_core.quant.qweight import packed_layout
 from speedq_core.quant.scheme import QuantScheme
@@ -101,7 +103,8 @@ def _stored_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def size_report(model_or_state: nn.Module | Mapping[str, torch.Tensor], component_of: Callable[[str], str],
                 export_dir: str | os.PathLike | None = None) -> SizeReport:
-    """Sizes per component of a model (QuantLinear packed buffers counted as stored) or of a state dict.
+    """Sizes per component of a model (QuantLinear / QuantEmbedding packed buffers counted as stored, shared
+    buffers once) or of a state dict.
 
     ``export_dir`` adds the on-disk size of that directory (all files).
     """
@@ -114,10 +117,14 @@ def size_report(model_or_state: nn.Module | Mapping[str, torch.Tensor], componen
         row[2] += nbytes
 
     if isinstance(model_or_state, nn.Module):
-        quant = {n: m for n, m in model_or_state.named_modules() if isinstance(m, QuantLinear)}
+        quant = {n: m for n, m in model_or_state.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+        counted = set()
         for name, module in quant.items():
-            n = module.out_features * module.in_features
-            add(f"{name}.weight", n, n, packed_weight_nbytes((module.out_features, module.in_features), module.scheme))
+            if storage_id(module.codes) in counted:
+                continue
+            counted.add(storage_id(module.codes))
+            shape = (module.out_features, module.in_features) if isinstance(module, QuantLinear) else module.shape
+            add(f"{name}.weight", math.prod(shape), math.prod(shape), packed_weight_nbytes(shape, module.scheme))
         tensors = _stored_tensors(model_or_state)
     else:
         quant, tensors = {}, model_or_state.items()

@@ -42,7 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from speedq_core.evaluate import mcq_prompt
-from speedq_core.lmudata import atomic_write_bytes, ensure_writable, resolve_lmudata
+from speedq_core.hookspecs import hookimpl
+from speedq_core.lmudata import GeneratedBenchmark, atomic_write_bytes, ensure_writable, resolve_lmudata
 
 CATEGORIES = ("color", "shape", "hue", "count", "size", "position", "majority")
 SPLITS = ("train", "test")
@@ -444,3 +445,23 @@ def benchmark_generators() -> dict[str, Callable[[Path], Path]]:
     Pass to :func:`speedq_core.evaluate.check_benchmarks` / ``evaluate`` as ``generators``.
     """
     return {name: (lambda root, name=name: write_benchmark(name, root)) for name in BENCHMARKS}
+
+
+def training_triples(split: str, n: int, seed: int = 0) -> Iterator[tuple[Image.Image, str, str]]:
+    """``(image, MCQ prompt, answer letter)`` for training and calibration (the evaluation format).
+
+    ``seed`` selects which ``n`` samples (a window of the split), so different seeds give different data.
+    """
+    for sample in iter_samples(split, n, start=seed * n):
+        yield sample.image, sample.prompt, sample.answer
+
+
+@hookimpl
+def speedq_benchmarks() -> list[GeneratedBenchmark]:
+    return [
+        GeneratedBenchmark(
+            name, write, f"speedq synthetic shapes/colours/counts MCQ ({name.split('_')[-1].lower()} split)",
+            samples=(lambda n, seed, split=name.split("_")[-1].lower(): training_triples(split, n, seed)),
+        )
+        for name, write in benchmark_generators().items()
+    ]

@@ -188,6 +188,7 @@ print("clean")
 """
 
 
+@pytest.mark.slow
 def test_first_import_in_a_fresh_process_leaves_no_trace(tmp_path):
     """Grad mode, RNG, no .env ERROR line, and no ~/LMUData when LMUData is set (subprocess: the
     import's side effects only happen once per process)."""
@@ -272,13 +273,25 @@ def test_unwritable_lmudata_is_reported_before_generating(tmp_path, monkeypatch)
         ensure_writable(root)
 
 
-def test_generated_benchmark_needs_writable_lmudata(lmu, monkeypatch):
-    monkeypatch.setattr(ev, "ensure_writable", lambda root: (_ for _ in ()).throw(BenchmarkError("ro")))
-    with pytest.raises(BenchmarkError, match="ro"):
-        ev.check_benchmarks([SYNTH], lmu, synthetic.benchmark_generators())
-    monkeypatch.undo()
-    checked = ev.check_benchmarks([SYNTH], lmu, synthetic.benchmark_generators())
+def test_generated_benchmark_needs_writable_lmudata_only_to_write(lmu, monkeypatch):
+    generators = synthetic.benchmark_generators()
+    with monkeypatch.context() as patch:
+        patch.setattr("tempfile.mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+        with pytest.raises(BenchmarkError, match="not writable"):
+            ev.check_benchmarks([SYNTH], lmu, generators)
+    checked = ev.check_benchmarks([SYNTH], lmu, generators)
     assert checked[0].kind == "MCQ" and checked[0].tsv == lmu / f"{SYNTH}.tsv"
+    with monkeypatch.context() as patch:  # up to date: nothing to write, so a read-only folder is fine
+        patch.setattr("tempfile.mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+        assert ev.check_benchmarks([SYNTH], lmu, generators) == checked
+
+
+def test_generator_os_error_becomes_a_sentence(lmu):
+    def broken(root):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(BenchmarkError, match="cannot write benchmark Gen"):
+        ev.check_benchmarks(["Gen"], lmu, {"Gen": broken})
 
 
 def test_score_normalisation_of_ocrbench_and_hallusionbench():

@@ -31,10 +31,6 @@ from speedq_plugins.families.qwen2_vl import (
     tiny_tokenizer_copy,
 )
 
-# The tiny LLM's depth (overrides of tiny_text_config). Widths are multiples of 128 so every
-# registry scheme (group sizes up to 128) applies to every component, vision included.
-TINY_LLM = {"num_hidden_layers": 6}
-
 # InternVL preprocesses with the ImageNet statistics (the -hf checkpoints' preprocessor_config.json).
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -89,10 +85,10 @@ class InternVLAdapter(FamilyAdapter):
         tokenizer = tiny_tokenizer_copy()
         return self.config_from_dict({
             "model_type": "internvl",
-            "text_config": {"model_type": "qwen2", **tiny_text_config(tokenizer, tie_word_embeddings=False, **TINY_LLM)},
+            "text_config": {"model_type": "qwen2", **tiny_text_config(tokenizer, tie_word_embeddings=False)},
             "vision_config": {
                 "model_type": "internvl_vision",
-                "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
+                "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256,
                 "attention_bias": True, "hidden_act": "gelu", "norm_type": "layer_norm", "layer_norm_eps": 1e-6,
                 "image_size": [TINY_IMAGE_SIZE, TINY_IMAGE_SIZE], "patch_size": [8, 8],
                 "use_mean_pooling": True, "use_qk_norm": False, "layer_scale_init_value": 0.1,

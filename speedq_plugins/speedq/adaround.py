@@ -20,7 +20,10 @@ inputs in the model whose earlier blocks are already quantized; the target uses 
 float model, ``x_fp`` (BRECQ's ``asym=True``, what its ImageNet script runs) or, with
 ``target="quant_input"``, the quantized inputs (``block_fp(x_q)``). At the end each ``V`` is
 hard-rounded (``h ≥ 0.5`` ⇔ ``V ≥ 0``), so the codes differ from round-to-nearest by at most ±1, and
-the linear becomes a :class:`~speedq_core.quant.QuantLinear`.
+the linear becomes a :class:`~speedq_core.quant.QuantLinear`. *Deviation* (``fallback``, on by
+default): a block whose hard-rounded error on the calibration batches exceeds round-to-nearest's
+keeps the RTN codes (with few iterations the annealing can end worse than RTN; BRECQ has no such
+check).
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ class AdaRoundConfig:
     beta_end: float = 2.0
     target: str = "fp"
     seed: int = 42
+    fallback: bool = True  # keep RTN codes for a block whose hard-rounded AdaRound error is higher
 
     def beta(self, it: int) -> float | None:
         """β at iteration ``it``, or None during the warm-up (no regulariser)."""
@@ -172,12 +176,14 @@ def reconstruct_block(block: nn.Module, names: list[str], scheme: QuantScheme, i
     _set_mode(ada, "hard")
     ada_error = block_error(block, inputs, targets)
     flipped = sum(int((m.to_quantized_weight().q != m.rtn.q).sum()) for m in ada.values())
+    kept_rtn = cfg.fallback and ada_error > rtn_error
     for name, module in ada.items():
         parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, QuantLinear.from_qweight(module.to_quantized_weight(),
-                                                                            module.bias))
+        qweight = module.rtn if kept_rtn else module.to_quantized_weight()
+        setattr(block.get_submodule(parent), child, QuantLinear.from_qweight(qweight, module.bias))
     total = sum(m.v.numel() for m in ada.values())
-    return {"rtn_error": rtn_error, "adaround_error": ada_error, "flipped_fraction": flipped / max(1, total)}
+    return {"rtn_error": rtn_error, "adaround_error": ada_error, "flipped_fraction": flipped / max(1, total),
+            "kept_rtn": kept_rtn}
 
 
 def check_shapes(linears: dict[str, nn.Linear], scheme: QuantScheme) -> None:
@@ -208,8 +214,8 @@ def quantize_vision(model: nn.Module, adapter: FamilyAdapter, scheme: QuantSchem
             targets = fp_out if cfg.target == "fp" else run_block(block, x_q)
             stats = reconstruct_block(block, names, scheme, x_q, targets, cfg)
             summary["blocks"][path] = stats
-            log(f"speedq stage 1: {path}: block error RTN {stats['rtn_error']:.4g} -> AdaRound "
-                f"{stats['adaround_error']:.4g} ({len(names)} linears)")
+            log(f"stage 1: {path}: block error RTN {stats['rtn_error']:.4g}, AdaRound {stats['adaround_error']:.4g}"
+                f"{' (kept RTN)' if stats['kept_rtn'] else ''} ({len(names)} linears)")
             x_q, x_fp = x_q.replace_hidden(run_block(block, x_q)), x_fp.replace_hidden(fp_out)
     rest = [n for n in find_linears(model) if n in linears]
     swap_linears(model, rest, lambda name, lin: QuantLinear.from_linear(lin, quantize_weight(lin.weight.data, scheme)))

@@ -10,12 +10,13 @@ Helpers here (no training): :func:`adapter_for`, :func:`direct_accuracy`.
 """
 from __future__ import annotations
 
-from speedq_plugins.tiny_models.train import (
-    TRAINED_PRESETS,
-    TrainSettings,
-    adapter_for,
-    direct_accuracy,
-    train_tiny,
-)
-
 __all__ = ["TRAINED_PRESETS", "TrainSettings", "adapter_for", "direct_accuracy", "train_tiny"]
+
+
+def __getattr__(name: str):
+    # lazy, so `python -m speedq_plugins.tiny_models.train` does not import train.py twice
+    if name in __all__:
+        from speedq_plugins.tiny_models import train
+
+        return getattr(train, name)
+    raise AttributeError(name)

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TinyLlamaAdapter, correlated, tiny_llama, token_batches
+from conftest import correlated, tiny_llama, token_batches
 
 from baselines.gptq import GPTQ, GPTQConfig, HessianAccumulator, gptq_quantize
 from baselines.rtn import RTN

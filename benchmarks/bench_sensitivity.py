@@ -1,0 +1,141 @@
+"""Quantization sensitivity of the shipped tiny models: RTN at 8/4/3/2 bits, LLM only and whole model.
+
+    python benchmarks/bench_sensitivity.py [--samples 700] [--models tiny-internvl,tiny-qwen2-vl]
+                                           [--vlmeval] [--out benchmarks/results/sensitivity.json]
+
+For each trained tiny preset (weights loaded through ``speedq_core.models.load_model``) it scores the
+float model and RTN-quantized copies (``baselines.rtn``, the registry's default RTN schemes
+w8g128 / w4g128 / w3g64 / w2g16) on the synthetic TEST split with the in-process greedy first-token
+accuracy (:func:`speedq_plugins.tiny_models.direct_accuracy`; 700 samples = all of SpeedqSynth_TEST).
+Two component sets: ``language`` (the baselines' default) and ``vision+projector+language``.
+``--vlmeval`` also scores the float models through VLMEvalKit (``speedq_core.evaluate``).
+Prints a table and writes the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMES = ("w8g128", "w4g128", "w3g64", "w2g16")
+COMPONENT_SETS = {"llm": ("language",), "whole": ("vision", "projector", "language")}
+
+
+def rtn_copy(model, adapter, registry, scheme_name: str, components) -> torch.nn.Module:
+    """A deep copy of ``model`` with ``components`` RTN-quantized by the RTN method plugin, then
+    turned back into plain float linears (same numbers, faster forward)."""
+    from baselines.rtn import RTN
+    from speedq_core.method import QuantContext
+    from speedq_core.quant import to_plain_linears
+
+    quantized = copy.deepcopy(model)
+    scheme = registry.scheme(scheme_name)
+    ctx = QuantContext(schemes={c: scheme for c in components}, out_dir=Path(tempfile.gettempdir()))
+    RTN().quantize(quantized, adapter, ctx)
+    to_plain_linears(quantized, dtype=torch.float32)
+    return quantized.eval()
+
+
+def vlmeval_overall(adapter, model, processor, name: str) -> float | None:
+    try:
+        from speedq_core.evaluate import evaluate
+        from speedq_plugins.synthetic import benchmark_generators
+    except ImportError as exc:  # evaluation bridge or VLMEvalKit missing
+        print(f"(VLMEvalKit scoring skipped: {exc})", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = evaluate(adapter, model, processor, ["SpeedqSynth_TEST"], Path(tmp) / "work", name,
+                          lmudata=Path(tmp) / "lmu", generators=benchmark_generators())
+    return scores["SpeedqSynth_TEST"]["Overall"]
+
+
+def _cell(score) -> str:
+    return f"{score:>7.1f}" if score is not None else f"{'n/a':>7}"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny-internvl,tiny-qwen2-vl")
+    parser.add_argument("--samples", type=int, default=700)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vlmeval", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sensitivity.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from speedq_core.errors import SchemeError
+    from speedq_core.models import load_model
+    from speedq_core.registry import load_registry
+    from speedq_plugins.tiny_models import adapter_for, direct_accuracy
+    from speedq_plugins.tiny_models.train import test_samples
+
+    registry = load_registry()
+    samples = test_samples(args.samples)
+    results: dict = {"samples": args.samples, "metric": "greedy first-token accuracy (%) on SpeedqSynth_TEST",
+                     "chance": 25.0, "method": "rtn", "models": {}}
+    for name in [m for m in args.models.split(",") if m]:
+        preset = registry.model(name)
+        if not preset.weights:
+            print(f"{name}: no trained weights shipped (registry.toml has no `weights` line): skipped",
+                  file=sys.stderr)
+            continue
+        loaded = load_model(preset, adapter_for(name))
+        adapter, model, processor = loaded.adapter, loaded.model, loaded.processor
+        started = time.perf_counter()
+        row: dict = {"source": loaded.source, "float": direct_accuracy(adapter, model, processor, samples)}
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        row["bf16"] = direct_accuracy(adapter, bf16, processor, samples)
+        del bf16
+        for key, components in COMPONENT_SETS.items():
+            for scheme in SCHEMES:
+                try:
+                    quantized = rtn_copy(model, adapter, registry, scheme, components)
+                except SchemeError as exc:  # e.g. a group size wider than a 64-wide ViT
+                    row[f"{key}/{scheme}"] = {"Overall": None, "error": str(exc)}
+                    print(f"  {name} {key}/{scheme}: not applicable ({exc})", file=sys.stderr)
+                    continue
+                row[f"{key}/{scheme}"] = direct_accuracy(adapter, quantized, processor, samples)
+                del quantized
+                print(f"  {name} {key}/{scheme}: {row[f'{key}/{scheme}']['Overall']:.1f}", file=sys.stderr)
+        if args.vlmeval:
+            row["vlmeval_float_overall"] = vlmeval_overall(adapter, model, processor, name)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        results["models"][name] = row
+
+    print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return results
+
+
+def print_table(results: dict) -> None:
+    head = f"{'model':<15} {'components':<8} {'float':>6} {'bf16':>6} " + " ".join(f"{s:>7}" for s in SCHEMES)
+    print(f"RTN sensitivity, {results['metric']}, {results['samples']} samples (chance 25)")
+    print(head)
+    print("-" * len(head))
+    for name, row in results["models"].items():
+        for key in COMPONENT_SETS:
+            cells = " ".join(_cell(row[f"{key}/{s}"]["Overall"]) for s in SCHEMES)
+            print(f"{name:<15} {key:<8} {row['float']['Overall']:>6.1f} {row['bf16']['Overall']:>6.1f} {cells}")
+        if row.get("vlmeval_float_overall") is not None:
+            print(f"{name:<15} VLMEvalKit (float): {row['vlmeval_float_overall']:.1f}")
+    # per-category view of the float model and the 2-bit LLM-only model
+    for name, row in results["models"].items():
+        cats = [c for c in row["float"] if c != "Overall"]
+        print(f"\n{name} per category: " + " ".join(f"{c:>8}" for c in cats))
+        for key in ("float", "llm/w4g128", "llm/w2g16", "whole/w2g16"):
+            if row[key].get("Overall") is not None:
+                print(f"  {key:<13}" + " " * 13 + " ".join(f"{row[key][c]:>8.0f}" for c in cats))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 COMPONENTS = ("vision", "projector", "language")
+IGNORE_INDEX = -100  # label of tokens that are not scored (prompt, image, padding)
 # Parts that are not components but are reported separately in parameter and size tables.
 EXTRA_PARTS = ("embeddings", "lm_head")
 
@@ -56,6 +57,19 @@ class ModelInputs:
         return ModelInputs(moved, None if self.labels is None else self.labels.to(device))
 
 
+def config_from_arch(config_class: type, arch: dict[str, Any]) -> Any:
+    """``config_class(**arch)`` from a registry architecture table (a config.json as nested dicts:
+    ``text_config`` / ``vision_config`` become sub-configs). ``model_type`` is checked, not passed."""
+    arch = dict(arch)
+    model_type = arch.pop("model_type", config_class.model_type)
+    if model_type != config_class.model_type:
+        raise ValueError(
+            f"architecture has model_type {model_type!r} but {config_class.__name__} builds "
+            f"{config_class.model_type!r}: fix model_type in the registry preset or pick another family"
+        )
+    return config_class(**arch)
+
+
 class FamilyAdapter:
     """Base class of a family adapter. Subclasses fill the class attributes and the few methods.
 
@@ -69,6 +83,9 @@ class FamilyAdapter:
     block_paths: ClassVar[dict[str, str]]  # component -> path of its nn.ModuleList of blocks
     embeddings_path: ClassVar[str]
     lm_head_path: ClassVar[str]
+    # The chat format: one user turn with the image placeholder and ``{prompt}``; the answer turn.
+    template: ClassVar[str] = ""
+    answer_template: ClassVar[str] = ""
 
     # -- architecture -----------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:
@@ -142,8 +159,11 @@ class FamilyAdapter:
 
         With ``answers`` the answer (plus end-of-turn) is appended and ``labels`` mark only its
         tokens; without, the prompt ends where the assistant's reply starts (for ``generate``).
+        The default fills ``template`` / ``answer_template`` (see ``speedq_core.chat_inputs``).
         """
-        raise NotImplementedError
+        from speedq_core.chat_inputs import chat_inputs
+
+        return chat_inputs(processor, images, prompts, answers, self.template, self.answer_template)
 
     @torch.no_grad()
     def generate(

@@ -161,6 +161,132 @@ def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, 
     console.print(f"results: {run_dir / 'results.json'}")
 
 
+def _default_benchmarks(preset, data: str | None) -> tuple[str, ...]:
+    """--data, else the synthetic suite for a tiny preset and the paper's suite for a real one."""
+    return _split(data) or (("synthetic",) if preset.tiny else ("paper",))
+
+
+def _print_compare(doc: dict, out_dir) -> None:
+    from speedq_core.report import compare_grids
+
+    for grid in compare_grids(doc).values():
+        console.print(grid.rich())
+    console.print(f"reports: {out_dir / 'compare.md'} (tables also as CSV, source {out_dir / 'compare.json'})",
+                  markup=False)
+
+
+@cli.command("compare")
+@click.option("--model", default="tiny-internvl", show_default=True, help="model preset")
+@click.option("--methods", default="rtn,gptq,awq,mbq,speedq", show_default=True, help="comma list of methods")
+@click.option("--bits", default="4,2", show_default=True, help="comma list of weight bits")
+@click.option("--data", default=None, help="benchmarks or suites, comma separated (default: synthetic for tiny "
+              "presets, else paper)")
+@click.option("--out", default=None, help="compare directory (default runs/<model>-compare)")
+@click.option("--ablations", is_flag=True, help="also run SPEED-Q's Table 5 variants (loss=task/distill, joint=true)")
+@click.option("--model-path", default=None, help="folder with the real weights (save_pretrained layout)")
+@click.option("--lmudata", default=None, help="VLMEvalKit data folder (default $LMUData or ~/LMUData)")
+@click.option("--calib-data", default=None, help="calibration data (see speedq run)")
+@click.option("--calib-images", default=None, help="image root of a --calib-data JSON")
+@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--option", "-o", "options", multiple=True,
+              help="KEY=VALUE for every method, METHOD.KEY=VALUE for one (repeatable)")
+@click.option("--seed", default=42, show_default=True, type=int)
+def compare_cmd(model, methods, bits, data, out, ablations, model_path, lmudata, calib_data, calib_images,
+                calib_samples, options, seed) -> None:
+    """Run every method at every bit width plus the float reference, then report them side by side.
+
+    Each cell is a resumable run directory under OUT/runs/; rerunning continues where it stopped."""
+    from functools import partial
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from speedq_core.compare import plan_compare, run_compare
+    from speedq_core.plugins import get_plugins
+    from speedq_core.registry import load_registry
+
+    registry, plugins = load_registry(), get_plugins()
+    try:
+        widths = tuple(int(b) for b in _split(bits))
+    except ValueError:
+        raise click.BadParameter(f"{bits!r} is not a comma list of integers", param_hint="--bits") from None
+    plan = plan_compare(registry, plugins, model, _split(methods), widths,
+                        _default_benchmarks(registry.model(model), data), ablations, _parse_options(options), seed,
+                        model_path, calib_data, calib_images, calib_samples, lmudata)
+    out_dir = Path(out) if out else Path("runs") / f"{model}-compare"
+    console.print(f"[bold]speedq compare[/bold] {model}: {len(plan.cells)} cells -> {escape(str(out_dir))}")
+    doc = run_compare(plan, out_dir, registry, plugins, progress=partial(console.log, markup=False), lmudata=lmudata)
+    _print_compare(doc, out_dir)
+
+
+@cli.command("report")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, help="where to write the reports (default: the compare directory, if one "
+              "was given alone, else reports/<model>)")
+def report_cmd(paths, out) -> None:
+    """Re-render the comparison reports of compare or run directories from their results.json files."""
+    from pathlib import Path
+
+    from speedq_core.compare import COMPARE_FILE, load_document, write_reports
+
+    dirs = [Path(p) for p in paths]
+    alone = len(dirs) == 1 and (dirs[0] / COMPARE_FILE).is_file()
+    out_dir = Path(out) if out else dirs[0] if alone else None
+    doc = load_document(dirs, out_dir or Path("reports"))
+    if out_dir is None:
+        out_dir = Path("reports") / doc["model"]
+        doc = load_document(dirs, out_dir)
+    write_reports(doc, out_dir)
+    _print_compare(doc, out_dir)
+
+
+@cli.command("eval")
+@click.option("--model", default=None, help="model preset (default: the --run's)")
+@click.option("--run", "run", default=None, type=click.Path(file_okay=False),
+              help="a finished run directory: evaluate its quantized/ export")
+@click.option("--data", default=None, help="benchmarks or suites, comma separated (default: the run's, else "
+              "synthetic for tiny presets, paper otherwise)")
+@click.option("--model-path", default=None, help="folder with the real weights (save_pretrained layout)")
+@click.option("--out", default=None, help="directory of a float evaluation (default runs/<model>-<dtype>)")
+@click.option("--lmudata", default=None, help="VLMEvalKit data folder (default $LMUData or ~/LMUData)")
+@click.option("--seed", default=42, show_default=True, type=int)
+def eval_cmd(model, run, data, model_path, out, lmudata, seed) -> None:
+    """Evaluate the float model, or a finished run's quantized export, and write results.json/report.md."""
+    from pathlib import Path
+
+    from speedq_core.compare import (DTYPE_NAMES, evaluate_model, expand_benchmarks, read_run_config,
+                                     reference_config)
+    from speedq_core.plugins import get_plugins
+    from speedq_core.registry import load_registry
+    from speedq_core.report import render_run
+    from speedq_core.runner import prepare_run_dir
+
+    registry, plugins = load_registry(), get_plugins()
+    if run and out:
+        raise click.UsageError("pass --run (evaluate that run) or --out (a float evaluation), not both")
+    if not run and not model:
+        raise click.UsageError("pass --model (evaluate the float model) or --run DIR (evaluate a finished run)")
+    run_dir = Path(run) if run else None
+    if run_dir is None:
+        preset = registry.model(model)
+        run_dir = Path(out) if out else Path("runs") / f"{model}-{DTYPE_NAMES[preset.dtype][0]}"
+    if run or (run_dir / "run.json").is_file():
+        config = read_run_config(run_dir)
+        if model and model != config.model:
+            raise click.UsageError(f"{run_dir} is a run of {config.model}, not {model}: drop --model or pick another dir")
+        benchmarks = expand_benchmarks(registry, _split(data)) or config.benchmarks
+    else:
+        config = reference_config(registry, model, _default_benchmarks(preset, data), seed, model_path)
+        benchmarks = config.benchmarks
+        prepare_run_dir(config, run_dir)
+    if not benchmarks:
+        raise click.UsageError(f"{run_dir} was run without benchmarks: pass --data")
+    console.print(f"[bold]speedq eval[/bold] {config.model} ({config.method}) on {', '.join(benchmarks)} -> {run_dir}")
+    results = evaluate_model(config, run_dir, registry, plugins, console.log, lmudata, tuple(benchmarks), model_path)
+    console.print(render_run(results))
+    console.print(f"results: {run_dir / 'results.json'}")
+
+
 def main() -> None:
     """Entry point: expected errors become one line on stderr and exit status 2."""
     try:

@@ -67,3 +67,19 @@ def build_tiny_tokenizer():
         tokenizer_object=core,
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
     )
+
+
+def tiny_tokenizer_copy(**extra_special_tokens: str):
+    """A private copy of the shared tiny tokenizer (processors may modify theirs), with named special
+    tokens (``extra_special_tokens``) as the real checkpoints' tokenizers declare them."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    shared = build_tiny_tokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=copy.deepcopy(shared.backend_tokenizer),
+        bos_token=shared.bos_token, eos_token=shared.eos_token,
+        unk_token=shared.unk_token, pad_token=shared.pad_token,
+        extra_special_tokens=extra_special_tokens or None,
+    )

@@ -23,8 +23,9 @@ def test_list_shows_families_methods_presets_and_their_plugins():
 def test_info_internvl3_1b_matches_the_paper():
     out = speedq("info", "internvl3-1b")
     assert out.returncode == 0, out.stderr
-    total = next(line for line in out.stdout.splitlines() if line.strip().startswith("total"))
-    vision = next(line for line in out.stdout.splitlines() if line.strip().startswith("vision"))
+    rows = [line.strip("│ ") for line in out.stdout.splitlines()]
+    total = next(row for row in rows if row.startswith("total"))
+    vision = next(row for row in rows if row.startswith("vision "))
     # paper: "304M of 938M", BF16 1789.5 MiB. The real InternViT has q/k/v biases (0.07M): with them
     # the counts are 938.193M / 304.012M and the BF16 size is exactly the paper's 1789.5 MiB.
     assert "938.2M" in total and "1789.5" in total

@@ -17,7 +17,7 @@ attention; connector none (its input is the pixel-shuffled ``post_layernorm`` ou
 
 Inputs: SmolVLM's chat format ``<|im_start|>User:<image>{prompt}<end_of_utterance>\\nAssistant:``, with
 an answer `` {answer}<end_of_utterance>``; ``SmolVLMProcessor`` expands ``<image>`` (no image splitting in
-the tiny model). Batches are left-padded by speedq's shared ``chat_inputs``.
+the tiny model). Batches are left-padded by speedq's shared ``speedq_core.chat_inputs``.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from typing import Any
 
 from torch import nn
 
-from speedq_core.adapter import FamilyAdapter, ModelInputs, ScalingGroup
+from speedq_core.adapter import FamilyAdapter, ScalingGroup, config_from_arch
 from speedq_core.hookspecs import hookimpl
-from speedq_plugins.families.llava import chat_inputs, config_from_arch, decoder_scaling_groups
+from speedq_plugins.families.decoder import decoder_scaling_groups
 
 # SmolVLM's own special tokens, which speedq's shared tiny vocabulary lacks.
 EXTRA_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
@@ -118,15 +118,6 @@ class SmolVLMAdapter(FamilyAdapter):
         if component == "language":
             return decoder_scaling_groups(v_to_o=False)
         return []
-
-    def build_inputs(
-        self,
-        processor: Any,
-        images: list[Any],
-        prompts: list[str],
-        answers: list[str] | None = None,
-    ) -> ModelInputs:
-        return chat_inputs(processor, images, prompts, answers, self.template, self.answer_template)
 
 
 @hookimpl

@@ -40,7 +40,11 @@ def swap_linears(model: nn.Module, names: Iterable[str],
             "pass names from find_linears(model)"
         )
     for name in names:
-        _set_submodule(model, name, make(name, linears[name]))
+        try:
+            replacement = make(name, linears[name])
+        except SchemeError as exc:  # name the layer: a shape error means nothing without it
+            raise SchemeError(f"{name}: {exc}") from None
+        _set_submodule(model, name, replacement)
     return names
 
 

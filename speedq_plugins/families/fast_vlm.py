@@ -45,7 +45,7 @@ Inputs: Qwen2 chat format as FastVLM's chat template renders it (with its defaul
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<image>\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n
 
 With an answer, ``{answer}<|im_end|>`` follows and only those tokens are labelled. Batches are
-left-padded (see ``speedq_plugins.families.llava.chat_inputs``).
+left-padded (see ``speedq_core.chat_inputs``).
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ from typing import Any
 
 from torch import nn
 
-from speedq_core.adapter import FamilyAdapter, ModelInputs, ScalingGroup
+from speedq_core.adapter import FamilyAdapter, ScalingGroup, config_from_arch
 from speedq_core.hookspecs import hookimpl
-from speedq_plugins.families.llava import chat_inputs, config_from_arch, decoder_scaling_groups
+from speedq_plugins.families.decoder import decoder_scaling_groups
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 STAGES_PATH = "model.vision_tower.timm_model.stages"
@@ -156,15 +156,6 @@ class FastVLMAdapter(FamilyAdapter):
         if component == "language":
             return decoder_scaling_groups(v_to_o=False)
         return []
-
-    def build_inputs(
-        self,
-        processor: Any,
-        images: list[Any],
-        prompts: list[str],
-        answers: list[str] | None = None,
-    ) -> ModelInputs:
-        return chat_inputs(processor, images, prompts, answers, self.template, self.answer_template)
 
 
 @hookimpl

@@ -20,16 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from speedq_core.adapter import FamilyAdapter, ModelInputs, ScalingGroup
+from speedq_core.adapter import FamilyAdapter, ScalingGroup, config_from_arch
 from speedq_core.hookspecs import hookimpl
-from speedq_plugins.families.qwen2_vl import (
-    QWEN2_DECODER_GROUPS,
-    TINY_IMAGE_SIZE,
-    chatml_inputs,
-    config_with_subconfigs,
-    tiny_text_config,
-    tiny_tokenizer_copy,
-)
+from speedq_plugins.families.decoder import decoder_scaling_groups
+from speedq_plugins.families.qwen2_vl import CHATML, END_OF_TURN, TINY_IMAGE_SIZE, tiny_text_config
+from speedq_plugins.tiny_tokenizer import tiny_tokenizer_copy
 
 # InternVL preprocesses with the ImageNet statistics (the -hf checkpoints' preprocessor_config.json).
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -66,6 +61,10 @@ class InternVLAdapter(FamilyAdapter):
     block_paths = {"vision": "model.vision_tower.encoder.layer", "language": "model.language_model.layers"}
     embeddings_path = "model.language_model.embed_tokens"
     lm_head_path = "lm_head"
+    # ChatML with ``<IMG_CONTEXT>\n`` before the prompt, as InternVL's chat template writes an image;
+    # the processor expands it to ``<img>`` + image_seq_length x tiles ``<IMG_CONTEXT>`` + ``</img>``.
+    template = CHATML.format(user="<IMG_CONTEXT>\n{prompt}")
+    answer_template = "{answer}" + END_OF_TURN
 
     def model_class(self) -> type[nn.Module]:
         from transformers import InternVLForConditionalGeneration
@@ -77,7 +76,7 @@ class InternVLAdapter(FamilyAdapter):
         lm_head is tied, whatever ``text_config`` says; presets with an untied head must set it."""
         from transformers import InternVLConfig
 
-        return config_with_subconfigs(InternVLConfig, arch)
+        return config_from_arch(InternVLConfig, arch)
 
     def tiny_config(self) -> Any:
         """~1.2M parameters: InternViT 4 x 64 on 8-px patches of a 64-px image (64 patches, 16 image
@@ -111,7 +110,7 @@ class InternVLAdapter(FamilyAdapter):
         fc1 -> fc2 is not declared: GELU(x / s) * s != GELU(x), so a scale cannot pass through the
         activation (AutoAWQ handles GELU MLPs by inserting a scaled-activation module, which a
         ``ScalingGroup`` whose ``prev`` is a norm or linear cannot express). fc2 is quantized
-        unscaled. The projector has no repeated blocks. Language block: :data:`QWEN2_DECODER_GROUPS`."""
+        unscaled. The projector has no repeated blocks. Language block: ``decoder_scaling_groups(v_to_o=False)``."""
         if component == "vision":
             return [
                 ScalingGroup(
@@ -121,7 +120,7 @@ class InternVLAdapter(FamilyAdapter):
                 ScalingGroup("layernorm_after", ("mlp.fc1",), "mlp"),
             ]
         if component == "language":
-            return list(QWEN2_DECODER_GROUPS)
+            return decoder_scaling_groups(v_to_o=False)
         return []
 
     def tiny_processor(self, config: Any) -> Any:
@@ -138,14 +137,6 @@ class InternVLAdapter(FamilyAdapter):
             video_processor=InternVLVideoProcessor(**geometry),
             image_seq_length=image_seq_length(config),
         )
-
-    def build_inputs(
-        self, processor: Any, images: list[Any], prompts: list[str], answers: list[str] | None = None
-    ) -> ModelInputs:
-        """ChatML (:func:`~speedq_plugins.families.qwen2_vl.chatml_inputs`) with ``<IMG_CONTEXT>\\n``
-        before the prompt, as InternVL's chat template writes an image; the processor expands it to
-        ``<img>`` + ``image_seq_length`` x tiles ``<IMG_CONTEXT>`` + ``</img>``."""
-        return chatml_inputs(processor, images, prompts, answers, f"{processor.image_token}\n")
 
 
 @hookimpl

@@ -39,100 +39,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from speedq_core.adapter import FamilyAdapter, ModelInputs, ScalingGroup
+from speedq_core.adapter import FamilyAdapter, ScalingGroup, config_from_arch
 from speedq_core.hookspecs import hookimpl
-
-IGNORE_INDEX = -100
-
-
-# ---- helpers shared by the LLaVA-style families (FastVLM imports them) ---------------------------
-def config_from_arch(config_class: type, arch: dict[str, Any]) -> Any:
-    """``config_class`` built from a registry architecture table (the nested dict of a config.json)."""
-    arch = dict(arch)
-    model_type = arch.pop("model_type", config_class.model_type)
-    if model_type != config_class.model_type:
-        raise ValueError(
-            f"architecture has model_type {model_type!r} but {config_class.__name__} is "
-            f"{config_class.model_type!r}: fix model_type in the registry preset or pick another family"
-        )
-    return config_class(**arch)
-
-
-def decoder_scaling_groups(v_to_o: bool) -> list[ScalingGroup]:
-    """AWQ groups of a Llama/Qwen2 decoder layer; ``v_to_o`` only where v_proj and o_proj are square
-    to each other (no grouped-query attention)."""
-    groups = [
-        ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    ]
-    if v_to_o:
-        groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    groups += [
-        ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-    ]
-    return groups
-
-
-def chat_inputs(
-    processor: Any,
-    images: list[Any],
-    prompts: list[str],
-    answers: list[str] | None,
-    template: str,
-    answer_template: str,
-) -> ModelInputs:
-    """Left-padded batch of ``template.format(prompt=...)`` (+ ``answer_template.format(answer=...)``).
-
-    Each sample goes through ``processor`` on its own (so the processor expands the image token exactly
-    as for the real model); the prompt alone is tokenized too and must be a prefix of prompt + answer,
-    which gives the label boundary. Labels are -100 on the prompt, the image tokens and the padding.
-    """
-    if len(images) != len(prompts) or (answers is not None and len(answers) != len(prompts)):
-        raise ValueError(
-            f"got {len(images)} images, {len(prompts)} prompts and "
-            f"{'no' if answers is None else len(answers)} answers: pass one of each per sample"
-        )
-    tokenizer = getattr(processor, "tokenizer", processor)
-    rows: list[dict[str, torch.Tensor]] = []
-    labels: list[torch.Tensor] = []
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        text = template.format(prompt=prompt)
-        if answers is None:
-            rows.append(dict(processor(images=[image], text=[text], return_tensors="pt")))
-            continue
-        full = dict(processor(images=[image], text=[text + answer_template.format(answer=answers[i])],
-                              return_tensors="pt"))
-        prompt_ids = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0]
-        ids = full["input_ids"][0]
-        n = prompt_ids.numel()
-        if ids.numel() <= n or not torch.equal(ids[:n], prompt_ids):
-            raise ValueError(
-                f"sample {i}: the tokenized prompt is not a prefix of prompt + answer, so the answer "
-                f"tokens cannot be told apart; check the answer text {answers[i]!r} and the tokenizer"
-            )
-        label = ids.clone()
-        label[:n] = IGNORE_INDEX
-        rows.append(full)
-        labels.append(label)
-    width = max(r["input_ids"].shape[1] for r in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.cat([t.new_full((width - t.shape[-1],), value), t])
-
-    tensors = {
-        "input_ids": torch.stack([left_pad(r["input_ids"][0], pad_id) for r in rows]),
-        "attention_mask": torch.stack([left_pad(r["attention_mask"][0], 0) for r in rows]),
-    }
-    for key in rows[0]:
-        if key not in tensors:
-            tensors[key] = torch.cat([r[key] for r in rows])
-    batch_labels = torch.stack([left_pad(lab, IGNORE_INDEX) for lab in labels]) if labels else None
-    return ModelInputs(tensors, batch_labels)
-
+from speedq_plugins.families.decoder import decoder_scaling_groups
 
 # ---- the adapter --------------------------------------------------------------------------------
 _CLIP_GROUPS = [
@@ -223,14 +134,6 @@ class LlavaAdapter(FamilyAdapter):
             return decoder_scaling_groups(v_to_o=True)  # Vicuna: MHA
         return []
 
-    def build_inputs(
-        self,
-        processor: Any,
-        images: list[Any],
-        prompts: list[str],
-        answers: list[str] | None = None,
-    ) -> ModelInputs:
-        return chat_inputs(processor, images, prompts, answers, self.template, self.answer_template)
 
 
 @hookimpl

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from speedq_core.adapter import FamilyAdapter
-from speedq_plugins.families.llava import decoder_scaling_groups
+from speedq_plugins.families.decoder import decoder_scaling_groups
 
 HIDDEN, VOCAB, OUTLIERS = 64, 256, (3, 17, 40)
 

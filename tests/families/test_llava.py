@@ -16,7 +16,8 @@ from torch import nn
 
 from speedq_core.adapter import COMPONENTS, FamilyAdapter
 from speedq_plugins.families import llava
-from speedq_plugins.families.llava import IGNORE_INDEX, LlavaAdapter
+from speedq_core.adapter import IGNORE_INDEX
+from speedq_plugins.families.llava import LlavaAdapter
 
 REGISTRY = Path(__file__).resolve().parents[2] / "registry.toml"
 

@@ -125,7 +125,8 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--model", default="tiny-internvl", show_default=True, help="model preset")
 @click.option("--bits", default=4, show_default=True, type=int, help="weight bits")
 @click.option("--scheme", default=None, help="override the method's default scheme, e.g. w4g32g128")
-@click.option("--components", default=None, help="comma list of vision,projector,language,lm_head")
+@click.option("--components", default=None,
+              help="comma list of vision,projector,language,embeddings,lm_head (default: the method's)")
 @click.option("--data", default=None, help="benchmarks or suites, comma separated (tiny presets: synthetic)")
 @click.option("--no-eval", is_flag=True, help="quantize and export only")
 @click.option("--model-path", default=None, help="folder with the real weights (save_pretrained layout)")
@@ -134,11 +135,14 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--calib-data", default=None,
               help="calibration data: LLaVA JSON, image folder, or a generated benchmark (tiny presets: SpeedqSynth_TRAIN)")
 @click.option("--calib-images", default=None, help="image root of a --calib-data JSON")
-@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--calib-samples", default=None, type=int,
+              help="calibration/training samples (default: the method's; 128 for post-training methods)")
 @click.option("--option", "-o", "options", multiple=True, help="method option KEY=VALUE (repeatable)")
+@click.option("--stages", default=None, help="staged methods (speedq): run only these stages, e.g. 2,3, "
+              "in an existing run directory; finished stages are reused")
 @click.option("--seed", default=42, show_default=True, type=int)
 def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, out, lmudata, calib_data,
-            calib_images, calib_samples, options, seed) -> None:
+            calib_images, calib_samples, options, stages, seed) -> None:
     """Quantize MODEL with METHOD, export it, size it and evaluate it, in one resumable run directory."""
     from pathlib import Path
 
@@ -149,8 +153,11 @@ def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, 
     registry, plugins = load_registry(), get_plugins()
     preset = registry.model(model)
     benchmarks = () if no_eval else (_split(data) or (("synthetic",) if preset.tiny else ()))
+    method_options = _parse_options(options)
+    if stages:
+        method_options["stages"] = stages
     config = resolve_config(registry, plugins, model, method, bits, scheme, _split(components) or None,
-                            benchmarks, seed, model_path, _parse_options(options), calib_data, calib_images,
+                            benchmarks, seed, model_path, method_options, calib_data, calib_images,
                             calib_samples)
     run_dir = Path(out) if out else Path("runs") / config.label
     console.print(f"[bold]speedq run[/bold] {config.label} -> {run_dir}")
@@ -187,7 +194,8 @@ def _print_compare(doc: dict, out_dir) -> None:
 @click.option("--lmudata", default=None, help="VLMEvalKit data folder (default $LMUData or ~/LMUData)")
 @click.option("--calib-data", default=None, help="calibration data (see speedq run)")
 @click.option("--calib-images", default=None, help="image root of a --calib-data JSON")
-@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--calib-samples", default=None, type=int,
+              help="calibration/training samples (default: the method's; 128 for post-training methods)")
 @click.option("--option", "-o", "options", multiple=True,
               help="KEY=VALUE for every method, METHOD.KEY=VALUE for one (repeatable)")
 @click.option("--seed", default=42, show_default=True, type=int)
@@ -263,9 +271,9 @@ def eval_cmd(model, run, data, model_path, out, lmudata, seed) -> None:
 
     registry, plugins = load_registry(), get_plugins()
     if run and out:
-        raise click.UsageError("pass --run (evaluate that run) or --out (a float evaluation), not both")
+        raise SpeedqError("pass --run (evaluate that run) or --out (a float evaluation), not both")
     if not run and not model:
-        raise click.UsageError("pass --model (evaluate the float model) or --run DIR (evaluate a finished run)")
+        raise SpeedqError("pass --model (evaluate the float model) or --run DIR (evaluate a finished run)")
     run_dir = Path(run) if run else None
     if run_dir is None:
         preset = registry.model(model)
@@ -273,14 +281,14 @@ def eval_cmd(model, run, data, model_path, out, lmudata, seed) -> None:
     if run or (run_dir / "run.json").is_file():
         config = read_run_config(run_dir)
         if model and model != config.model:
-            raise click.UsageError(f"{run_dir} is a run of {config.model}, not {model}: drop --model or pick another dir")
+            raise SpeedqError(f"{run_dir} is a run of {config.model}, not {model}: drop --model or pick another dir")
         benchmarks = expand_benchmarks(registry, _split(data)) or config.benchmarks
     else:
         config = reference_config(registry, model, _default_benchmarks(preset, data), seed, model_path)
         benchmarks = config.benchmarks
         prepare_run_dir(config, run_dir)
     if not benchmarks:
-        raise click.UsageError(f"{run_dir} was run without benchmarks: pass --data")
+        raise SpeedqError(f"{run_dir} was run without benchmarks: pass --data")
     console.print(f"[bold]speedq eval[/bold] {config.model} ({config.method}) on {', '.join(benchmarks)} -> {run_dir}")
     results = evaluate_model(config, run_dir, registry, plugins, console.log, lmudata, tuple(benchmarks), model_path)
     console.print(render_run(results))

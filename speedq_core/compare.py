@@ -154,7 +154,7 @@ def plan_compare(
     model_path: str | None = None,
     calib_data: str | None = None,
     calib_images: str | None = None,
-    calib_samples: int = 128,
+    calib_samples: int | None = None,
     lmudata: str | None = None,
 ) -> ComparePlan:
     """Check everything a comparison needs before any work: model, methods, every (method, bits) pair,
@@ -165,9 +165,7 @@ def plan_compare(
     if not methods or not bits:
         raise SpeedqError("nothing to compare: pass --methods (e.g. rtn,gptq) and --bits (e.g. 4,2)")
     registry.model(model)
-    ablation = ABLATIONS.get("speedq") if ablations else None
-    if ablations and ablation is None:
-        raise SpeedqError("no method declares ablations: drop --ablations")
+    ablation = ABLATIONS["speedq"] if ablations else None
     all_methods = tuple(dict.fromkeys((*methods, *([ablation.method] if ablation else []))))
     for method in all_methods:
         impl = plugins.method(method)

@@ -152,7 +152,8 @@ def _import_vlmeval() -> None:
         import vlmeval.vlm.base  # noqa: F401
     except ImportError as err:
         raise BenchmarkError(
-            f"VLMEvalKit is not importable ({err}): install the evaluation extra, pip install 'speedq[eval]'"
+            f"VLMEvalKit is not importable ({err}): run bash scripts/install, or pip install 'speedq[eval]' "
+            "then pip install --no-deps ms-vlmeval==0.0.20"
         ) from err
 
 

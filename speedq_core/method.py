@@ -46,6 +46,9 @@ class Method:
     default_schemes: ClassVar[dict[int, str]]  # bits -> scheme preset name
     default_components: ClassVar[tuple[str, ...]] = ("language",)
     needs_calibration: ClassVar[bool] = False
+    # samples drawn from the calibration source when the user does not say (--calib-samples);
+    # training methods want more than the 128 of post-training calibration
+    calibration_samples: ClassVar[int] = 128
 
     @property
     def supported_bits(self) -> tuple[int, ...]:

@@ -49,7 +49,7 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     calib_data: str | None = None  # LLaVA JSON, image folder, or a generated benchmark's name
     calib_images: str | None = None  # image root of a LLaVA JSON
-    calib_samples: int = 128
+    calib_samples: int = 128  # resolved: the user's --calib-samples or the method's default
 
     @property
     def label(self) -> str:
@@ -71,7 +71,7 @@ def resolve_config(
     options: dict[str, Any] | None = None,
     calib_data: str | None = None,
     calib_images: str | None = None,
-    calib_samples: int = 128,
+    calib_samples: int | None = None,
 ) -> RunConfig:
     """Validate every name up front (model, method, bits, scheme, components) into a RunConfig."""
     preset = registry.model(model)
@@ -91,7 +91,8 @@ def resolve_config(
     if calib_data is None and preset.tiny:
         calib_data = DEFAULT_TINY_CALIBRATION
     return RunConfig(model, method, bits, {p: resolved.name for p in parts}, tuple(expanded), seed,
-                     model_path, dict(options or {}), calib_data, calib_images, calib_samples)
+                     model_path, dict(options or {}), calib_data, calib_images,
+                     calib_samples or impl.calibration_samples)
 
 
 def build_calibration(config: RunConfig, plugins: Plugins, processor: Any) -> CalibrationSet | None:
@@ -138,13 +139,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _without_stages(config: dict[str, Any]) -> dict[str, Any]:
+    """A run.json minus ``options.stages``: running a subset of a staged method's stages (SPEED-Q's
+    ``--stages``) continues the same run, it does not make a different one."""
+    options = {k: v for k, v in config.get("options", {}).items() if k != "stages"}
+    return {**config, "options": options}
+
+
 def prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
     """Create ``run_dir`` with run.json, or check that an existing one was made by the same config."""
     meta = run_dir / "run.json"
     wanted = json.loads(json.dumps(asdict(config)))
     if meta.exists():
         have = json.loads(meta.read_text())
-        if have != wanted:
+        if _without_stages(have) != _without_stages(wanted):
             diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
             raise SpeedqError(
                 f"{run_dir} holds a run with a different {', '.join(diff)}: pass --out another "
@@ -180,7 +188,10 @@ def execute(
     loaded: LoadedModel = load_model(preset, adapter, config.model_path, seed=config.seed)
     log(f"model {preset.name}: {loaded.source}")
     quant_dir = run_dir / "quantized"
-    if (quant_dir / "quant_config.json").exists():
+    # --stages asks a staged method to (re)run some stages: it reuses its own finished stages, and
+    # the export is redone from its result
+    rerun = "stages" in config.options
+    if (quant_dir / "quant_config.json").exists() and not rerun:
         log(f"reusing {quant_dir}")
         load_quantized(loaded.model, quant_dir)
     else:
@@ -194,7 +205,7 @@ def execute(
         timings["quantize_s"] = time.perf_counter() - start
         save_quantized(loaded.model, quant_dir, {"method": config.method, "model": config.model,
                                                  "summary": summary})
-    if not (run_dir / "dequantized" / "config.json").exists():
+    if rerun or not (run_dir / "dequantized" / "config.json").exists():
         save_dequantized(loaded.model, run_dir / "dequantized")
     size = size_report(loaded.model, adapter.part_of, export_dir=quant_dir)
     write_json_atomic(run_dir / "size.json", size.to_json())

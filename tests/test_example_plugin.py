@@ -7,28 +7,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import family_checks as checks
 from speedq_core.plugins import LOAD_ENV, get_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "speedq-smolvlm"
-
-pytestmark = pytest.mark.slow  # a pip install: several seconds
-
-
-def _family_checks():
-    """The shared adapter checks of tests/families/test_llava.py."""
-    spec = importlib.util.spec_from_file_location("_family_checks", ROOT / "tests" / "families" / "test_llava.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
@@ -66,7 +56,6 @@ def test_plugin_manager_finds_the_family(adapter):
 
 
 def test_tiny_smolvlm_forward_generate_and_split(adapter):
-    checks = _family_checks()
     checks.check_tiny_end_to_end(adapter)
     config = adapter.tiny_config()
     model = adapter.build_model(config)
@@ -74,3 +63,12 @@ def test_tiny_smolvlm_forward_generate_and_split(adapter):
     for component in ("vision", "language"):
         assert checks.check_scaling_groups(model, adapter, component) == 2 * len(adapter.scaling_groups(component))
     checks.check_labels(adapter, adapter.tiny_processor(config), ["<end_of_utterance>"])
+
+
+def test_speedq_list_shows_the_installed_plugin(installed):
+    out = subprocess.run([sys.executable, "-c", "from speedq_core.cli import main; main()", "list"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if "smolvlm" in line]
+    assert any("speedq_smolvlm.py" in row for row in rows)  # the plugins table names its file
+    assert any("SmolVLM" in row for row in rows)  # the families table shows the adapter

@@ -41,7 +41,7 @@ from speedq_core.training.loop import TrainConfig, clear_checkpoints
 from speedq_plugins.speedq.adaround import AdaRoundConfig, quantize_vision
 from speedq_plugins.speedq.data import Batches, training_set
 from speedq_plugins.speedq.objective import Objective, estimate_gamma
-from speedq_plugins.speedq.options import AUTO, SpeedqOptions, parse_options, resolve_lr
+from speedq_plugins.speedq.options import AUTO, SpeedqOptions, parse_options, resolve_adaround_iters, resolve_lr
 from speedq_plugins.speedq.projector import component_parameters, train_projector
 from speedq_plugins.speedq.qat import fake_quantize, run_qat, search_clipping
 
@@ -229,8 +229,9 @@ class SpeedqRun:
 
     def stage1(self) -> dict[str, Any]:
         o = self.opts
-        cfg = AdaRoundConfig(o.adaround_iters, o.adaround_lr, o.adaround_lambda, o.adaround_warmup,
-                             target=o.adaround_target, seed=self.ctx.seed, fallback=o.adaround_fallback)
+        cfg = AdaRoundConfig(resolve_adaround_iters(o, self.model), o.adaround_lr, o.adaround_lambda,
+                             o.adaround_warmup, target=o.adaround_target, seed=self.ctx.seed,
+                             fallback=o.adaround_fallback)
         batches = self.subset(o.vit_samples, "vision", o.adaround_batch)
         summary = quantize_vision(self.model, self.adapter, self.schemes["vision"], batches, cfg, self.log)
         self.save("stage1", self.component("vision"), summary)
@@ -325,6 +326,7 @@ class SpeedQ(Method):
     default_schemes = {4: "w4g32g128", 2: "w2g16g16"}
     default_components = ("vision", "language")
     needs_calibration = True
+    calibration_samples = 1024  # training data for stages 2 and 3 (the paper trains on 680K samples)
     forced_stages: ClassVar[tuple[int, ...] | None] = None
     requires: ClassVar[tuple[int, ...]] = ()
 

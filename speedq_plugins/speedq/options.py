@@ -36,7 +36,8 @@ projector_steps      "auto"         stage-2 steps; ``auto`` = one pass over ``pr
 projector_fraction   0.1            share of the training samples stage 2 sees (paper 10%; the script 1%).
 qat_steps            "auto"         stage-3 steps; ``auto`` = one pass over the samples.
 vit_samples          128            images for stage 1 (image-only calibration; paper: 128).
-adaround_iters       20000          AdaRound iterations per ViT block (BRECQ's default).
+adaround_iters       "auto"         AdaRound iterations per ViT block: ``auto`` = BRECQ's 20000, or
+                                    TINY_ADAROUND_ITERS = 500 under TINY_PARAMS parameters (*deviation*).
 adaround_batch       32             images per AdaRound batch (BRECQ's default).
 adaround_lr          0.001          Adam lr on V (BRECQ).
 adaround_lambda      0.01           λ of the rounding regulariser (BRECQ).
@@ -74,6 +75,8 @@ from speedq_core.errors import SpeedqError, suggest
 OFFICIAL_LR = 8e-6
 TINY_LR = 1e-3
 TINY_PARAMS = 10_000_000
+BRECQ_ADAROUND_ITERS = 20000
+TINY_ADAROUND_ITERS = 500
 CHOICES = {
     "loss": ("both", "task", "distill"),
     "kd_normalize": ("sequence_sum", "token_mean"),
@@ -104,7 +107,7 @@ class SpeedqOptions:
     projector_fraction: float = 0.1
     qat_steps: int | str = AUTO
     vit_samples: int = 128
-    adaround_iters: int = 20000
+    adaround_iters: int | str = AUTO
     adaround_batch: int = 32
     adaround_lr: float = 1e-3
     adaround_lambda: float = 0.01
@@ -184,8 +187,19 @@ def parse_options(options: dict[str, Any], forced_stages: tuple[int, ...] | None
     return opts
 
 
+def _is_tiny(model: nn.Module) -> bool:
+    return sum(p.numel() for p in model.parameters()) < TINY_PARAMS
+
+
 def resolve_lr(opts: SpeedqOptions, model: nn.Module) -> float:
     """``lr``, with ``auto`` = the official 8e-6, or TINY_LR for a model under TINY_PARAMS parameters."""
     if opts.lr != AUTO:
         return float(opts.lr)
-    return TINY_LR if sum(p.numel() for p in model.parameters()) < TINY_PARAMS else OFFICIAL_LR
+    return TINY_LR if _is_tiny(model) else OFFICIAL_LR
+
+
+def resolve_adaround_iters(opts: SpeedqOptions, model: nn.Module) -> int:
+    """``adaround_iters``, with ``auto`` = BRECQ's 20000, or TINY_ADAROUND_ITERS for a tiny model."""
+    if opts.adaround_iters != AUTO:
+        return int(opts.adaround_iters)
+    return TINY_ADAROUND_ITERS if _is_tiny(model) else BRECQ_ADAROUND_ITERS

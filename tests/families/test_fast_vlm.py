@@ -9,7 +9,7 @@ from torch import nn
 
 from speedq_plugins.families import fast_vlm
 from speedq_plugins.families.fast_vlm import FastVLMAdapter
-from test_llava import (
+from family_checks import (
     check_component_split,
     check_labels,
     check_scaling_groups,

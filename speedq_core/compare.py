@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from speedq_core.errors import SchemeError, SpeedqError
-from speedq_core.plugins import Plugins
+from speedq_core.plugins import Plugins, get_plugins
 from speedq_core.registry import Registry
 from speedq_core.report import compare_grids, compare_report_md, run_report_md, size_summary
 from speedq_core.runner import (QUANTIZABLE_PARTS, RunConfig, execute, prepare_run_dir, resolve_config,
@@ -53,11 +53,13 @@ class Ablation:
     variants: tuple[dict[str, Any], ...]
 
 
-# SPEED-Q's Table 5: training objective (task / distill / both) and joint vs staged quantization.
-ABLATIONS = {
-    "speedq": Ablation("speedq", {"loss": "both", "joint": False},
-                       ({"loss": "task"}, {"loss": "distill"}, {"joint": True})),
-}
+def ablation_for(method: str, plugins: Plugins | None = None) -> Ablation | None:
+    """The ablation a method declares (``Method.ablation_defaults`` / ``ablation_variants``), or None."""
+    provided = (plugins or get_plugins()).methods.get(method)
+    if provided is None or not provided.obj.ablation_variants:
+        return None
+    impl = provided.obj
+    return Ablation(method, dict(impl.ablation_defaults), tuple(dict(v) for v in impl.ablation_variants))
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def _value_text(value: Any) -> str:
 
 def cell_name(method: str, options: dict[str, Any]) -> str:
     """``method``, plus ``[key=value,...]`` for the options of ``options`` that ``method`` ablates."""
-    ablation = ABLATIONS.get(method)
+    ablation = ablation_for(method)
     variant = {k: options[k] for k in ablation.defaults if k in options} if ablation else {}
     if not variant:
         return method
@@ -165,7 +167,11 @@ def plan_compare(
     if not methods or not bits:
         raise SpeedqError("nothing to compare: pass --methods (e.g. rtn,gptq) and --bits (e.g. 4,2)")
     registry.model(model)
-    ablation = ABLATIONS["speedq"] if ablations else None
+    ablation = None
+    if ablations:
+        ablation = next(filter(None, (ablation_for(m, plugins) for m in (*methods, "speedq"))), None)
+        if ablation is None:
+            raise SpeedqError("--ablations: none of the methods declares ablations (SPEED-Q does): add speedq")
     all_methods = tuple(dict.fromkeys((*methods, *([ablation.method] if ablation else []))))
     for method in all_methods:
         impl = plugins.method(method)
@@ -402,7 +408,7 @@ def load_document(paths: list[Path], out_dir: Path) -> dict[str, Any]:
             name = reference_name(results) if method == NO_METHOD else cell_name(method, options)
             role = "reference" if method == NO_METHOD else "main" if name == method else "ablation"
             if role == "ablation":
-                ablation = ablation or ABLATIONS[method]
+                ablation = ablation or ablation_for(method)
             members = [(name, role, path)]
         else:
             raise SpeedqError(f"{path} holds neither compare.json nor results.json: pass a finished run or compare directory")

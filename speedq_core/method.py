@@ -49,6 +49,10 @@ class Method:
     # samples drawn from the calibration source when the user does not say (--calib-samples);
     # training methods want more than the 128 of post-training calibration
     calibration_samples: ClassVar[int] = 128
+    # The paper-style ablation table of this method (``speedq compare --ablations``): its ablated
+    # options with their defaults, and the variants to run besides the default.
+    ablation_defaults: ClassVar[dict[str, Any]] = {}
+    ablation_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     @property
     def supported_bits(self) -> tuple[int, ...]:

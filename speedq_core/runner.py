@@ -26,7 +26,7 @@ from speedq_core.adapter import COMPONENTS, EXTRA_PARTS
 from speedq_core.errors import SpeedqError, UnknownNameError
 from speedq_core.calibration import CalibrationSet
 from speedq_core.method import QuantContext
-from speedq_core.models import LoadedModel, load_model
+from speedq_core.models import LoadedModel, load_model, resolve_weights
 from speedq_core.plugins import Plugins, get_plugins
 from speedq_core.registry import Registry, load_registry
 from speedq_core.report import run_report_md
@@ -180,6 +180,8 @@ def execute(
     preset = registry.model(config.model)
     adapter = plugins.family(preset.family)
     method = plugins.method(config.method)
+    if not preset.tiny or config.model_path:
+        resolve_weights(preset, config.model_path)  # fail before creating anything
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(config, run_dir)
     timings: dict[str, float] = {}

@@ -6,10 +6,10 @@ import sys
 import pytest
 
 
-def speedq(*args, env=None):
+def speedq(*args, env=None, cwd=None):
     cmd = [sys.executable, "-c", "from speedq_core.cli import main; main()", *args]
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300, cwd=cwd)
 
 
 def test_list_shows_families_methods_presets_and_their_plugins():
@@ -37,13 +37,19 @@ def test_info_internvl3_1b_matches_the_paper():
     [
         (("info", "internvl3-1c"), "did you mean 'internvl3-1b'"),
         (("info", "no-such-model"), "unknown model 'no-such-model'"),
+        (("run", "--method", "gptqq", "--no-eval"), "did you mean 'gptq'"),
+        (("run", "--scheme", "w4g12q", "--no-eval"), "unknown scheme 'w4g12q'"),
+        (("run", "--bits", "5", "--no-eval"), "does not support 5-bit: use --bits 2, 3, 4, 8"),
+        (("run", "--model", "internvl3-2b", "--no-eval"), "weights for internvl3-2b not found: pass --model-path"),
+        (("run", "--components", "visoin", "--no-eval"), "did you mean 'vision'"),
     ],
 )
-def test_bad_names_give_one_line_and_exit_2(args, match):
-    out = speedq(*args)
+def test_bad_names_give_one_line_and_exit_2(args, match, tmp_path):
+    out = speedq(*args, cwd=tmp_path)
     assert out.returncode == 2
     assert match in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not any(tmp_path.iterdir())  # nothing written for a run that cannot start
 
 
 def test_malformed_registry_is_one_line_error(tmp_path):

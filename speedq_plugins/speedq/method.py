@@ -327,6 +327,9 @@ class SpeedQ(Method):
     default_components = ("vision", "language")
     needs_calibration = True
     calibration_samples = 1024  # training data for stages 2 and 3 (the paper trains on 680K samples)
+    # Table 5: training objective (task / distill / both) and joint vs staged quantization
+    ablation_defaults = {"loss": "both", "joint": False}
+    ablation_variants = ({"loss": "task"}, {"loss": "distill"}, {"joint": True})
     forced_stages: ClassVar[tuple[int, ...] | None] = None
     requires: ClassVar[tuple[int, ...]] = ()
 

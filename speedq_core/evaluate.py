@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from speedq_core.errors import suggest
+from speedq_core.quant.qlinear import dequantized_cache
 from speedq_core.lmudata import (BenchmarkError, atomic_write_bytes, inspect_custom_tsv,
                                  local_benchmarks, resolve_lmudata)
 
@@ -437,7 +438,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with vlmeval_session(root):
+        with vlmeval_session(root), dequantized_cache(model):
             for bench in checked:
                 results[bench.name] = _evaluate_one(adapter, model, processor, bench, work_dir, name, max_new_tokens)
                 _write_json(work_dir / bench.name / "scores.json", results[bench.name])

@@ -448,12 +448,14 @@ def benchmark_generators() -> dict[str, Callable[[Path], Path]]:
 
 
 def training_triples(split: str, n: int, seed: int = 0) -> Iterator[tuple[Image.Image, str, str]]:
-    """``(image, MCQ prompt, answer letter)`` for training and calibration (the evaluation format).
+    """``(image, MCQ prompt, right option's text)`` for training and calibration: the prompt the
+    evaluation asks and the answer the tiny models were trained to give (VLMEvalKit maps an
+    option's text to its letter).
 
     ``seed`` selects which ``n`` samples (a window of the split), so different seeds give different data.
     """
     for sample in iter_samples(split, n, start=seed * n):
-        yield sample.image, sample.prompt, sample.answer
+        yield sample.image, sample.prompt, sample.answer_text
 
 
 @hookimpl

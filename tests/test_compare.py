@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from speedq_core.compare import ABLATIONS, plan_compare, strip_timings
+from speedq_core.compare import ablation_for, plan_compare, strip_timings
 from speedq_core.errors import SchemeError, SpeedqError
 from speedq_core.plugins import get_plugins
 from speedq_core.registry import load_registry
@@ -180,7 +180,7 @@ def test_plan_orders_cells_and_scopes_options(env, lmu):
     assert options["rtn-w2"] == {"qat_steps": 3, "seed_note": "x"}
     assert options["speedq-w2"] == {"qat_steps": 2}
     assert options["speedq-joint=true-w2"] == {"qat_steps": 2, "joint": True}
-    assert plan.ablation == ABLATIONS["speedq"] and plan.benchmarks == (BENCH,)
+    assert plan.ablation == ablation_for("speedq") and plan.benchmarks == (BENCH,)
     with pytest.raises(SpeedqError, match="scoped to 'awq', which is not among the compared methods"):
         plan_compare(registry, plugins, "tiny-internvl", ("rtn",), (2,), (BENCH,), options={"awq.x": 1},
                      lmudata=str(lmu))

@@ -49,9 +49,9 @@ CELLS = [
 
 
 def doc_with_ablation():
-    from speedq_core.compare import ABLATIONS
+    from speedq_core.compare import ablation_for
 
-    return build_document(CELLS, ABLATIONS["speedq"])
+    return build_document(CELLS, ablation_for("speedq"))
 
 
 def rows(text):

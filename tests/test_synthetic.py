@@ -110,3 +110,15 @@ def test_generators_write_into_the_given_folder(tmp_path):
     assert set(generators) == {"SpeedqSynth_TEST", "SpeedqSynth_TRAIN"}
     path = generators["SpeedqSynth_TEST"](tmp_path)
     assert path.parent == tmp_path and len(_rows(path.read_bytes())) == 700
+
+
+def test_training_triples_answer_with_the_options_text_and_prompt_of_evaluation():
+    """The training/calibration data the synthetic plugin serves matches what the tiny models answer
+    (the option's text) and what evaluation asks (the MCQ prompt)."""
+    from speedq_plugins.synthetic import iter_samples, training_triples
+
+    triples = list(training_triples("train", 7, seed=2))
+    samples = list(iter_samples("train", 7, start=14))
+    for (image, prompt, answer), s in zip(triples, samples):
+        assert prompt == s.prompt and answer == s.answer_text and answer in s.options
+        assert image.tobytes() == s.image.tobytes()

@@ -10,6 +10,9 @@ as int16 bit patterns, so casting a model to bf16 casts only the bias.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +75,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.qweight.dequantize(x.dtype), bias)
+        cache = getattr(self, "_dequantized", None)
+        if cache is None:
+            return F.linear(x, self.qweight.dequantize(x.dtype), bias)
+        if x.dtype not in cache:  # same dequantize as above, kept for the cache's scope
+            cache[x.dtype] = self.qweight.dequantize(x.dtype)
+        return F.linear(x, cache[x.dtype], bias)
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -103,3 +111,20 @@ def dequantized_linear(qweight: QuantizedWeight, bias: torch.Tensor | None, dtyp
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().to(dtype).clone())
     return linear
+
+
+@contextlib.contextmanager
+def dequantized_cache(model: nn.Module) -> Iterator[None]:
+    """Within the block, each QuantLinear dequantizes its weight once per dtype and reuses it.
+
+    For evaluation loops (generation calls every linear once per token): outputs are identical, the
+    cost is a float copy of every quantized weight for the block's duration, freed at its end.
+    """
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for module in modules:
+        module._dequantized = {}
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._dequantized = None

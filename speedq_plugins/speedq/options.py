@@ -37,7 +37,7 @@ projector_fraction   0.1            share of the training samples stage 2 sees (
 qat_steps            "auto"         stage-3 steps; ``auto`` = one pass over the samples.
 vit_samples          128            images for stage 1 (image-only calibration; paper: 128).
 adaround_iters       "auto"         AdaRound iterations per ViT block: ``auto`` = BRECQ's 20000, or
-                                    TINY_ADAROUND_ITERS = 500 under TINY_PARAMS parameters (*deviation*).
+                                    TINY_ADAROUND_ITERS = 200 under TINY_PARAMS parameters (*deviation*).
 adaround_batch       32             images per AdaRound batch (BRECQ's default).
 adaround_lr          0.001          Adam lr on V (BRECQ).
 adaround_lambda      0.01           λ of the rounding regulariser (BRECQ).
@@ -76,7 +76,7 @@ OFFICIAL_LR = 8e-6
 TINY_LR = 1e-3
 TINY_PARAMS = 10_000_000
 BRECQ_ADAROUND_ITERS = 20000
-TINY_ADAROUND_ITERS = 500
+TINY_ADAROUND_ITERS = 200
 CHOICES = {
     "loss": ("both", "task", "distill"),
     "kd_normalize": ("sequence_sum", "token_mean"),

@@ -89,3 +89,20 @@ def test_fake_quant_freezes_exactly():
     out_fake = net(x)
     assert to_quant_linears(net) == ["up", "block.1"] and isinstance(net.up, QuantLinear)
     assert torch.equal(net(x), out_fake)
+
+
+def test_dequantized_cache_gives_identical_outputs_and_is_released():
+    from speedq_core.quant import QuantScheme, quantize_weight
+    from speedq_core.quant.qlinear import QuantLinear, dequantized_cache
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    q = QuantLinear.from_linear(linear, quantize_weight(linear.weight.data, QuantScheme(2, 16, 4, 16)))
+    model = torch.nn.Sequential(q)
+    x = torch.randn(3, 64)
+    plain = model(x)
+    with dequantized_cache(model):
+        first, second = model(x), model(x)
+        assert list(q._dequantized) == [torch.float32]
+    assert torch.equal(plain, first) and torch.equal(plain, second)
+    assert q._dequantized is None

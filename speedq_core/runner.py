@@ -7,6 +7,7 @@ when that output already exists, so rerunning a killed ``speedq run`` continues 
         run.json        the resolved configuration (a rerun with a different one is refused)
         quantized/      packed low-bit safetensors + quant_config.json
         dequantized/    a float checkpoint plain transformers loads
+        quantize_summary.json  the method's own report (per-layer errors, timings)
         size.json       bytes and bits per weight per component
         eval/           VLMEvalKit work dirs; results.json, report.md
 """
@@ -205,8 +206,10 @@ def execute(
         start = time.perf_counter()
         summary = method.quantize(loaded.model, adapter, ctx)
         timings["quantize_s"] = time.perf_counter() - start
-        save_quantized(loaded.model, quant_dir, {"method": config.method, "model": config.model,
-                                                 "summary": summary})
+        # the method's report (per-layer errors, seconds) stays out of the export, so that the same
+        # weights always give the same bytes on disk
+        write_json_atomic(run_dir / "quantize_summary.json", summary)
+        save_quantized(loaded.model, quant_dir, {"method": config.method, "model": config.model})
     if rerun or not (run_dir / "dequantized" / "config.json").exists():
         save_dequantized(loaded.model, run_dir / "dequantized")
     size = size_report(loaded.model, adapter.part_of, export_dir=quant_dir)

@@ -32,7 +32,7 @@ from torch import nn
 
 from speedq_core.errors import SchemeError
 from speedq_core.quant.groupwise import dequantize_groupwise
-from speedq_core.quant.qlinear import QuantLinear
+from speedq_core.quant.qlinear import PackedBuffers, QuantLinear
 from speedq_core.quant.qweight import QuantizedWeight, check_packed, packed_layout, validate_shape
 from speedq_core.quant.scheme import QuantScheme
 
@@ -58,7 +58,7 @@ def storage_id(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedBuffers):
     """Packed ``(num_embeddings, embedding_dim)`` table with ``scheme``; outputs in ``dtype``."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme,
@@ -140,16 +140,9 @@ class QuantEmbedding(nn.Module):
         return isinstance(codes, torch.Tensor) and storage_id(codes) == storage_id(self.codes)
 
     def _apply(self, fn, recurse=True):
-        """Packed buffers keep their dtype (fp16 moved as int16 bits); the output dtype follows float casts."""
+        """Packed buffers keep their dtype; the output dtype follows float casts."""
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-        float_buffers = [name for name in self._layout if self._buffers[name].is_floating_point()]
-        for name in float_buffers:
-            self._buffers[name] = self._buffers[name].view(torch.int16)
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in float_buffers:
-                self._buffers[name] = self._buffers[name].view(self._layout[name][1])
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}, " \

@@ -22,7 +22,24 @@ from speedq_core.quant.qweight import QuantizedWeight, check_packed, packed_layo
 from speedq_core.quant.scheme import QuantScheme
 
 
-class QuantLinear(nn.Module):
+class PackedBuffers(nn.Module):
+    """Base of modules holding packed buffers (``self._layout``: name -> (shape, dtype)): a dtype cast
+    of the module (``.to(bfloat16)``) must not touch them, so fp16 scales travel as int16 bits."""
+
+    _layout: dict
+
+    def _apply(self, fn, recurse=True):
+        float_buffers = [name for name in self._layout if self._buffers[name].is_floating_point()]
+        for name in float_buffers:
+            self._buffers[name] = self._buffers[name].view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in float_buffers:
+                self._buffers[name] = self._buffers[name].view(self._layout[name][1])
+
+
+class QuantLinear(PackedBuffers):
     """Packed ``(out, in)`` weight with ``scheme``, optional bias."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = True,
@@ -87,16 +104,6 @@ class QuantLinear(nn.Module):
         """A plain nn.Linear with ``w_hat`` in ``dtype`` (default: the bias dtype, else bfloat16)."""
         default = torch.bfloat16 if self.bias is None else self.bias.dtype
         return dequantized_linear(self.qweight, self.bias, dtype or default)
-
-    def _apply(self, fn, recurse=True):
-        float_buffers = [name for name in self._layout if self._buffers[name].is_floating_point()]
-        for name in float_buffers:
-            self._buffers[name] = self._buffers[name].view(torch.int16)
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in float_buffers:
-                self._buffers[name] = self._buffers[name].view(self._layout[name][1])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, " \

@@ -152,7 +152,7 @@ def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, 
 
     registry, plugins = load_registry(), get_plugins()
     preset = registry.model(model)
-    benchmarks = () if no_eval else (_split(data) or (("synthetic",) if preset.tiny else ()))
+    benchmarks = () if no_eval else (_split(data) or preset.benchmarks)
     method_options = _parse_options(options)
     if stages:
         method_options["stages"] = stages
@@ -170,7 +170,7 @@ def run_cmd(method, model, bits, scheme, components, data, no_eval, model_path, 
 
 def _default_benchmarks(preset, data: str | None) -> tuple[str, ...]:
     """--data, else the synthetic suite for a tiny preset and the paper's suite for a real one."""
-    return _split(data) or (("synthetic",) if preset.tiny else ("paper",))
+    return _split(data) or preset.benchmarks or ("paper",)
 
 
 def _print_compare(doc: dict, out_dir) -> None:

@@ -169,9 +169,11 @@ def plan_compare(
     registry.model(model)
     ablation = None
     if ablations:
-        ablation = next(filter(None, (ablation_for(m, plugins) for m in (*methods, "speedq"))), None)
+        # the first listed method that declares ablations, else the first installed one that does
+        candidates = (*methods, *sorted(plugins.methods))
+        ablation = next(filter(None, (ablation_for(m, plugins) for m in candidates)), None)
         if ablation is None:
-            raise SpeedqError("--ablations: none of the methods declares ablations (SPEED-Q does): add speedq")
+            raise SpeedqError("--ablations: no installed method declares ablations: drop --ablations")
     all_methods = tuple(dict.fromkeys((*methods, *([ablation.method] if ablation else []))))
     for method in all_methods:
         impl = plugins.method(method)

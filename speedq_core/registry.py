@@ -16,7 +16,8 @@ from speedq_core.errors import RegistryError, SchemeError, UnknownNameError
 from speedq_core.quant.scheme import QuantScheme
 
 REGISTRY_ENV = "SPEEDQ_REGISTRY"
-_MODEL_KEYS = {"family", "hf_id", "dtype", "description", "tiny", "architecture", "weights"}
+_MODEL_KEYS = {"family", "hf_id", "dtype", "description", "tiny", "architecture", "weights", "calibration",
+               "benchmarks"}
 _DTYPES = {"bfloat16", "float16", "float32"}
 
 
@@ -32,6 +33,8 @@ class ModelPreset:
     tiny: bool = False
     architecture: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     weights: str | None = None  # package-relative folder of embedded weights (tiny presets)
+    calibration: str | None = None  # default calibration/training data (e.g. a generated benchmark)
+    benchmarks: tuple[str, ...] = ()  # default benchmarks or suites of `speedq run`
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ def _model(path: Path, name: str, table: Any) -> ModelPreset:
         name=name, family=table["family"], hf_id=table.get("hf_id"), dtype=dtype,
         description=table.get("description", ""), tiny=tiny,
         architecture=table.get("architecture", {}), weights=table.get("weights"),
+        calibration=table.get("calibration"), benchmarks=tuple(table.get("benchmarks", ())),
     )
 
 

@@ -33,7 +33,6 @@ from speedq_core.registry import Registry, load_registry
 from speedq_core.report import run_report_md
 
 QUANTIZABLE_PARTS = (*COMPONENTS, *EXTRA_PARTS)  # EXTRA_PARTS: embeddings, lm_head
-DEFAULT_TINY_CALIBRATION = "SpeedqSynth_TRAIN"  # calibration/training data of the tiny presets
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,8 @@ def resolve_config(
     expanded: list[str] = []
     for bench in benchmarks:
         expanded.extend(registry.suites[bench].benchmarks if bench in registry.suites else [bench])
-    if calib_data is None and preset.tiny:
-        calib_data = DEFAULT_TINY_CALIBRATION
+    if calib_data is None:
+        calib_data = preset.calibration  # registry.toml: the tiny presets name the synthetic train split
     return RunConfig(model, method, bits, {p: resolved.name for p in parts}, tuple(expanded), seed,
                      model_path, dict(options or {}), calib_data, calib_images,
                      calib_samples or impl.calibration_samples)

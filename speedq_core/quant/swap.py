@@ -25,6 +25,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _require(names: list[str], found: dict, kind: str, finder: str) -> None:
+    """SchemeError naming the first of ``names`` that is not in ``found`` (checked before any swap)."""
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise SchemeError(
+            f"no {kind} named {missing[0]!r} in the model{suggest(missing[0], found)}: "
+            f"pass names from {finder}(model)"
+        )
+
+
 def swap_linears(model: nn.Module, names: Iterable[str],
                  make: Callable[[str, nn.Linear], nn.Module]) -> list[str]:
     """Replace each named ``nn.Linear`` by ``make(name, linear)``; all names are checked before any swap.
@@ -33,12 +43,7 @@ def swap_linears(model: nn.Module, names: Iterable[str],
     """
     names = list(names)
     linears = find_linears(model)
-    missing = [name for name in names if name not in linears]
-    if missing:
-        raise SchemeError(
-            f"no nn.Linear named {missing[0]!r} in the model{suggest(missing[0], linears)}: "
-            "pass names from find_linears(model)"
-        )
+    _require(names, linears, "nn.Linear", "find_linears")
     for name in names:
         try:
             replacement = make(name, linears[name])
@@ -95,12 +100,7 @@ def swap_embeddings(model: nn.Module, names: Iterable[str],
     """
     names = list(names)
     embeddings = find_embeddings(model)
-    missing = [name for name in names if name not in embeddings]
-    if missing:
-        raise SchemeError(
-            f"no nn.Embedding named {missing[0]!r} in the model{suggest(missing[0], embeddings)}: "
-            "pass names from find_embeddings(model)"
-        )
+    _require(names, embeddings, "nn.Embedding", "find_embeddings")
     heads = {name: tied_linears(model, name) for name in names}
     biased = [head for tied in heads.values() for head in tied if model.get_submodule(head).bias is not None]
     if biased:

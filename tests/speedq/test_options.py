@@ -108,7 +108,6 @@ def test_missing_or_mismatched_stages_name_the_fix(stages_from_stage1, tmp_path)
 
 @pytest.mark.slow
 def test_stage3_on_deepspeed_in_one_process(stages_from_stage2):
-    pytest.importorskip("deepspeed")
     adapter, model, _ = tiny()
     summary = SpeedQQAT().quantize(model, adapter, context(stages_from_stage2, engine="deepspeed", qat_steps=6))
     stage3 = summary["stages"]["stage3"]

@@ -61,6 +61,7 @@ from speedq_core.calibration import (
     linear_stages,
     model_linear_inputs,
     relative_name,
+    release_freed_memory,
     run_block,
     stream_linear_inputs,
 )
@@ -109,9 +110,20 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.n, 1))
 
+    def take_hessian(self) -> torch.Tensor:
+        """:meth:`hessian` computed in place: the accumulator's buffer becomes H (no second copy)."""
+        hessian, self.sum = self.sum.mul_(2.0 / max(self.n, 1)), None
+        return hessian
+
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str, retries: int = 3) -> tuple[torch.Tensor, float]:
-    """Upper ``U`` with ``U^T U = (H + lambda I)^-1`` and the lambda used; 10x lambda per failed try."""
+    """Upper ``U`` with ``U^T U = (H + lambda I)^-1`` and the lambda used; 10x lambda per failed try.
+
+    ``hessian`` is damped in place (the diagonal is restored after a failed try) and every
+    intermediate is freed as soon as it is used, so at most two ``(in, in)`` matrices live besides
+    ``hessian``: the down projection of a 1B model has a 90 MiB Hessian, and the naive chain held
+    six of them at once.
+    """
     if not torch.isfinite(hessian).all():
         raise SpeedqError(
             f"the GPTQ Hessian of {name} holds NaN/Inf (its calibration inputs overflow): check the calibration "
@@ -121,11 +133,14 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str, retries: int
     lam = damp * base
     for attempt in range(retries + 1):
         lam = damp * (10 ** attempt) * base
-        damped = hessian.clone()
-        damped.diagonal().add_(lam)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        hessian.diagonal().add_(lam)
+        lower, info = torch.linalg.cholesky_ex(hessian)
+        hessian.diagonal().sub_(lam)
         if info == 0 and torch.isfinite(lower).all():
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper, lam
     raise SpeedqError(
@@ -153,14 +168,19 @@ def _assemble(fields: list[dict]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, config: GPTQConfig = GPTQConfig(),
-                  name: str = "linear") -> tuple[QuantizedWeight, dict[str, float]]:
+                  name: str = "linear", consume_hessian: bool = False) -> tuple[QuantizedWeight, dict[str, float]]:
     """GPTQ of ``weight`` ``(out, in)`` given ``hessian`` ``(in, in)`` (module docstring); returns the
-    QuantizedWeight and stats (``loss`` = reference ``sum (w - w_hat)^2 / U_ii^2 / 2``, ``damp``)."""
+    QuantizedWeight and stats (``loss`` = reference ``sum (w - w_hat)^2 / U_ii^2 / 2``, ``damp``).
+    ``consume_hessian``: work in ``hessian`` itself (a float32 tensor the caller gives up) instead
+    of a copy."""
     validate_shape(scheme, tuple(weight.shape))
     W = weight.detach().float().clone()
     out_features, columns = W.shape
     G, maxq = scheme.group_size, scheme.maxq
-    H = hessian.detach().float().clone().to(W.device)
+    H = hessian.detach().to(W.device, torch.float32)
+    if not (consume_hessian and H.data_ptr() == hessian.data_ptr()):
+        H = H.clone()
+    del hessian  # a consumed Hessian now lives only in H, and is freed with it below
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -172,6 +192,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     U, lam = inverse_cholesky(H, config.damp, name, config.retries)
+    del H
 
     codes = torch.zeros(out_features, columns, dtype=torch.uint8, device=W.device)
     zeros = torch.zeros(out_features, columns // G, dtype=torch.uint8, device=W.device)
@@ -246,7 +267,8 @@ def _quantize_linears(model: nn.Module, names: list[str], hessians: dict[str, He
             ctx.log(f"gptq: {name} saw no calibration token: round-to-nearest")
             stats[name] = {"tokens": 0}
             return QuantLinear.from_linear(linear, quantize_weight(linear.weight.data, scheme))
-        qweight, info = gptq_quantize(linear.weight.data, acc.hessian(), scheme, config, name)
+        qweight, info = gptq_quantize(linear.weight.data, acc.take_hessian(), scheme, config, name,
+                                      consume_hessian=True)
         stats[name] = {"tokens": acc.n, **info}
         return QuantLinear.from_linear(linear, qweight)
 
@@ -270,6 +292,8 @@ def quantize_part(model: nn.Module, adapter: FamilyAdapter, part: str, scheme: Q
             names = [full_name(path, rel) for rel in stage]
             _quantize_linears(model, names, {full_name(path, r): a for r, a in accs.items()}, scheme, config, stats, ctx)
             remaining.difference_update(names)
+            del accs
+            release_freed_memory()  # the stage's Hessians and float copies, before the next stage
         inputs = inputs.replace_hidden(run_block(unit, inputs))
         ctx.log(f"gptq: {part} {index + 1}/{len(units)} {path}")
     if remaining:

@@ -7,7 +7,7 @@ w4g128 by each method, each in its own process so ``ru_maxrss`` is that method's
 text-only (``samples`` x ``tokens`` random token ids, fed as ready batches: no tokenizer or image
 needed), so MBQ would reduce to AWQ and is left out. The claim checked: peak RSS stays near
 model + one block's activations, because the calibration engine runs the LLM block by block.
-Prints a table and writes results/calibration_memory.json.
+Prints a table and writes results/calibration_memory.json (rows of methods not rerun are kept).
 """
 from __future__ import annotations
 
@@ -80,9 +80,16 @@ def main() -> None:
         print(f"{r['method']:8} {r['wall_s']:8} {r['peak_rss_mib']:13} {r['rss_after_build_mib']:12} "
               f"{r['model_mib']:8} {r['one_block_activations_mib']:13}")
     RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "calibration_memory.json"
+    calibration = f"{args.samples} x {args.tokens} tokens, text only"
+    if path.is_file():  # rows of methods not rerun now are kept when the calibration matches
+        old = json.loads(path.read_text())
+        if old.get("calibration") == calibration:
+            rerun = {r["method"] for r in rows}
+            rows = [r for r in old["rows"] if r["method"] not in rerun] + rows
     data = {"model": "internvl3-1b (random bf16)", "scheme": "w4g128", "components": ["language"],
-            "calibration": f"{args.samples} x {args.tokens} tokens, text only", "rows": rows}
-    (RESULTS / "calibration_memory.json").write_text(json.dumps(data, indent=2) + "\n")
+            "calibration": calibration, "rows": rows}
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ For each trained tiny preset (weights loaded through ``speedq_core.models.load_m
 float model and RTN-quantized copies (``baselines.rtn``, the registry's default RTN schemes
 w8g128 / w4g128 / w3g64 / w2g16) on the synthetic TEST split with the in-process greedy first-token
 accuracy (:func:`speedq_plugins.tiny_models.direct_accuracy`; 700 samples = all of SpeedqSynth_TEST).
-Two component sets: ``language`` (the baselines' default) and ``vision+projector+language``.
+Two component sets: ``language`` (the baselines' default) and ``vision+projector+language`` (the
+64-wide tiny ViT and projector take group size 64 where the scheme says 128). Also the noise
+tolerance curve: accuracy after Gaussian noise of ``r`` times each weight's std is added to the LLM
+linears (and lm_head), next to RTN's own relative weight error per scheme, which says how much noise
+each bit width adds and how much the model can take.
 ``--vlmeval`` also scores the float models through VLMEvalKit (``speedq_core.evaluate``).
 Prints a table and writes the JSON.
 """
@@ -23,8 +27,11 @@ from pathlib import Path
 
 import torch
 
+from speedq_core.quant.scheme import QuantScheme
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("w8g128", "w4g128", "w3g64", "w2g16")
+NOISE_RATIOS = (0.1, 0.35, 0.7, 1.0, 1.5)
 COMPONENT_SETS = {"llm": ("language",), "whole": ("vision", "projector", "language")}
 
 
@@ -36,11 +43,49 @@ def rtn_copy(model, adapter, registry, scheme_name: str, components) -> torch.nn
     from speedq_core.quant import to_plain_linears
 
     quantized = copy.deepcopy(model)
-    scheme = registry.scheme(scheme_name)
-    ctx = QuantContext(schemes={c: scheme for c in components}, out_dir=Path(tempfile.gettempdir()))
+    ctx = QuantContext(schemes=whole_schemes(registry, scheme_name, components), out_dir=Path(tempfile.gettempdir()))
     RTN().quantize(quantized, adapter, ctx)
     to_plain_linears(quantized, dtype=torch.float32)
     return quantized.eval()
+
+
+def whole_schemes(registry, scheme_name: str, components) -> dict:
+    """Per-component schemes; the 64-wide tiny ViT/projector get the group size capped at 64."""
+    scheme = registry.scheme(scheme_name)
+    out = {}
+    for c in components:
+        out[c] = scheme
+        if c in ("vision", "projector") and scheme.group_size > 64:
+            out[c] = QuantScheme.parse(f"w{scheme.bits}g64")
+    return out
+
+
+def relative_weight_error(model, adapter, scheme_name: str, registry) -> float:
+    """``||W - RTN(W)|| / ||W||`` pooled over the LLM's linears: the weight noise RTN adds."""
+    from speedq_core.quant import quantize_weight
+
+    scheme = registry.scheme(scheme_name)
+    num = den = 0.0
+    for linear in adapter.linears(model, "language").values():
+        w = linear.weight.data.float()
+        num += float((w - quantize_weight(w, scheme).dequantize(torch.float32)).pow(2).sum())
+        den += float(w.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def noisy_copy(model, adapter, ratio: float, head: bool, seed: int = 0) -> torch.nn.Module:
+    """A copy whose LLM linears (and ``lm_head`` when ``head``) get ``W += N(0, (ratio * std(W))^2)``:
+    the noise tolerance curve that RTN's relative weight error is read against."""
+    noisy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    targets = list(adapter.linears(noisy, "language").values())
+    if head:
+        targets.append(noisy.get_submodule(adapter.lm_head_path))
+    with torch.no_grad():
+        for linear in targets:
+            w = linear.weight
+            w.add_(torch.randn(w.shape, generator=generator) * w.std() * ratio)
+    return noisy.eval()
 
 
 def vlmeval_overall(adapter, model, processor, name: str) -> float | None:
@@ -104,6 +149,12 @@ def main(argv=None) -> dict:
                 row[f"{key}/{scheme}"] = direct_accuracy(adapter, quantized, processor, samples)
                 del quantized
                 print(f"  {name} {key}/{scheme}: {row[f'{key}/{scheme}']['Overall']:.1f}", file=sys.stderr)
+        row["rtn_relative_weight_error"] = {s: round(relative_weight_error(model, adapter, s, registry), 4)
+                                            for s in SCHEMES}
+        for head in (False, True):
+            key = "noise/llm+head" if head else "noise/llm"
+            row[key] = {str(r): direct_accuracy(adapter, noisy_copy(model, adapter, r, head), processor, samples)["Overall"]
+                        for r in NOISE_RATIOS}
         if args.vlmeval:
             row["vlmeval_float_overall"] = vlmeval_overall(adapter, model, processor, name)
         row["seconds"] = round(time.perf_counter() - started, 1)
@@ -128,6 +179,12 @@ def print_table(results: dict) -> None:
             print(f"{name:<15} {key:<8} {row['float']['Overall']:>6.1f} {row['bf16']['Overall']:>6.1f} {cells}")
         if row.get("vlmeval_float_overall") is not None:
             print(f"{name:<15} VLMEvalKit (float): {row['vlmeval_float_overall']:.1f}")
+    for name, row in results["models"].items():
+        errors = " ".join(f"{s}={e:.3f}" for s, e in row["rtn_relative_weight_error"].items())
+        print(f"\n{name}: RTN relative weight error of the LLM linears: {errors}")
+        for key in ("noise/llm", "noise/llm+head"):
+            cells = " ".join(f"r={r}: {v:.1f}" for r, v in row[key].items())
+            print(f"  Gaussian weight noise W += N(0, (r std W)^2), {key[6:]}: {cells}")
     # per-category view of the float model and the 2-bit LLM-only model
     for name, row in results["models"].items():
         cats = [c for c in row["float"] if c != "Overall"]

@@ -30,6 +30,8 @@ config.image_token_id`` / ``image_token_index``), ``text`` (valid and not image)
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import random
 import warnings
@@ -274,8 +276,35 @@ class BlockInputs:
         return iter(self.samples)
 
     def replace_hidden(self, outputs: Sequence[torch.Tensor]) -> BlockInputs:
-        """The next unit's inputs: same kwargs and masks, hidden states replaced by ``outputs``."""
-        return BlockInputs([s.with_hidden(o) for s, o in zip(self.samples, outputs)])
+        """The next unit's inputs: same kwargs and masks, hidden states replaced by ``outputs``.
+
+        Every method calls this once per unit, after the unit's temporaries are gone, so it is also
+        where freed heap memory goes back to the OS (:func:`release_freed_memory`)."""
+        following = BlockInputs([s.with_hidden(o) for s, o in zip(self.samples, outputs)])
+        release_freed_memory()
+        return following
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim(0)``); False where there is no glibc.
+
+    glibc keeps freed allocations below its dynamic mmap threshold (up to 32 MiB) in the heap, so
+    the per-linear temporaries of a block-by-block pass (Hessians, float weight copies) pile up as
+    resident memory: on the full InternVL3-1B LLM, RSS crept by ~70 MiB per block without this.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def image_token_id(model: nn.Module) -> int | None:

@@ -5,7 +5,7 @@ each, in seven categories. Two kinds of category are mixed on purpose:
 
     coarse  color, shape                   one big object, distractors far from the truth
     fine    hue, count, size, position,    the answer hinges on a small margin: hues ~30 degrees
-            majority                       apart, 7 vs 8 objects, radii or coordinates 1-3 px
+            majority                       apart, 7 vs 8 objects, radii or coordinates 2-5 px
                                            apart, majority colour ahead by one dot
 
 A model that solves the coarse questions keeps solving them under heavy weight noise; the fine ones
@@ -313,11 +313,11 @@ def _near_numbers(rng: random.Random, truth: int, lo: int = 0, hi: int = 12) -> 
 
 @_retrying
 def _count(rng: random.Random, canvas: _Canvas):
-    """Fine: 1-9 small objects of one shape (sometimes with 1-3 objects of another shape and colour
+    """Fine: 1-8 small objects of one shape (sometimes with 1-3 objects of another shape and colour
     mixed in); distractors are the closest other counts."""
     shape, other = rng.sample(("dot", "square", "triangle", "cross"), 2)
     color, other_color = rng.sample(BASIC_COLORS, 2)
-    n = rng.randint(1, 9)
+    n = rng.randint(1, 8)
     r = canvas.px(3)
     for _ in range(n):
         canvas.add(shape, *canvas.place(rng, r), r, _rgb(rng, color))
@@ -330,10 +330,10 @@ def _count(rng: random.Random, canvas: _Canvas):
 @_retrying
 def _size(rng: random.Random, canvas: _Canvas):
     """Fine: four objects of one shape and four basic colours; the largest (or smallest) beats the
-    runner-up by only 1-3 px of radius."""
+    runner-up by only 2-4 px of radius."""
     shape = rng.choice(("circle", "square", "diamond"))
     colors = rng.sample(BASIC_COLORS, 4)
-    delta = canvas.px(rng.choice((1, 1, 2, 2, 3)))
+    delta = canvas.px(rng.choice((2, 2, 3, 3, 4)))
     if rng.random() < 0.5:
         word, second = "largest", canvas.px(rng.uniform(4, 8))
         extreme = second + delta
@@ -350,11 +350,11 @@ def _size(rng: random.Random, canvas: _Canvas):
 @_retrying
 def _position(rng: random.Random, canvas: _Canvas):
     """Fine: four small objects in four basic colours; the one most to one side leads the next
-    by only 1-4 px. Laid out for "left", then mirrored or transposed for the other sides."""
+    by only 4-7 px. Laid out for "left", then mirrored or transposed for the other sides."""
     side = rng.choice(("left", "right", "top", "bottom"))
     colors = rng.sample(BASIC_COLORS, 4)
     radii = [canvas.px(rng.uniform(3, 4.5)) for _ in colors]
-    delta = canvas.px(rng.choice((1, 2, 3, 4)))
+    delta = canvas.px(rng.choice((4, 5, 6, 7)))
     size, edge = canvas.size, max(radii) + 1
     x_first = rng.randint(edge, size // 2)
     xs = [x_first, x_first + delta] + [rng.randint(x_first + delta, size - edge - 1) for _ in range(2)]

@@ -20,6 +20,11 @@ What it does, deterministically (fixed seed, fixed thread count (default 1), fix
 
 Only the logits of the answer positions are computed during training (``logits_to_keep``); the
 loss is the same as over the full sequence because labels are -100 elsewhere.
+
+Experiment knobs for quantization sensitivity (off by default; what they did is in
+``speedq_plugins/tiny_weights/README.md``): ``--probe-rtn`` scores RTN copies of the LLM at every
+probe, ``--text-init-std`` shrinks the LLM's initialisation, ``--massive-channels/-value`` give the
+residual stream frozen massive-activation channels.
 """
 from __future__ import annotations
 
@@ -76,6 +81,18 @@ class TrainSettings:
     eval_every: int = 0  # >0: also score `probe_samples` test samples every that many steps
     probe_samples: int = 140
     categories: tuple[str, ...] = field(default=())  # empty = all
+    # RTN schemes (LLM only) also scored at every probe: the sensitivity curve during training
+    probe_rtn: tuple[str, ...] = field(default=())
+    # Std of the LLM's initial weights (transformers' ``initializer_range``; the tiny configs use 0.02).
+    text_init_std: float = 0.02
+    # Massive activations (Sun et al. 2024; the outlier features of LLM.int8()): ``massive_channels``
+    # residual channels hold ``massive_value`` in every token's embedding and in the projector's
+    # output bias, frozen during training, so every LLM input column of those channels sees an
+    # activation ~40x the others, as in trained LLMs. Weight rounding error on those columns is
+    # multiplied by it: the mechanism that makes RTN collapse at 2 bits and that AWQ/GPTQ correct.
+    massive_channels: int = 0
+    massive_value: float = 1.0
+    massive_freeze_norms: bool = False  # also freeze the decoder norms' gains of those channels at 1
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -155,6 +172,24 @@ def direct_accuracy(
     return scores
 
 
+def rtn_language_copy(adapter: FamilyAdapter, model: nn.Module, scheme: str) -> nn.Module:
+    """A deep copy of ``model`` with its language component RTN-quantized to ``scheme`` (the
+    baselines' default scope), turned back into plain float linears for a fast forward."""
+    import copy
+    import tempfile
+
+    from baselines.rtn import RTN
+    from speedq_core.method import QuantContext
+    from speedq_core.quant import to_plain_linears
+    from speedq_core.quant.scheme import QuantScheme
+
+    quantized = copy.deepcopy(model)
+    ctx = QuantContext(schemes={"language": QuantScheme.parse(scheme)}, out_dir=Path(tempfile.gettempdir()))
+    RTN().quantize(quantized, adapter, ctx)
+    to_plain_linears(quantized, dtype=torch.float32)
+    return quantized.eval()
+
+
 def test_samples(n: int, data_seed: int = 0) -> list[Any]:
     """The first ``n`` samples of the TEST split (``SpeedqSynth_TEST`` is the first 700)."""
     return _samples("test", 0, n, data_seed)
@@ -163,12 +198,49 @@ def test_samples(n: int, data_seed: int = 0) -> list[Any]:
 # -- training -------------------------------------------------------------------------------------
 
 
-def build_tiny(preset: str, seed: int) -> tuple[FamilyAdapter, nn.Module, Any]:
+def build_tiny(preset: str, seed: int, text_init_std: float | None = None) -> tuple[FamilyAdapter, nn.Module, Any]:
     adapter = adapter_for(preset)
     config = adapter.tiny_config()
+    if text_init_std is not None:
+        config.text_config.initializer_range = text_init_std
     seed_everything(seed)
     model = adapter.build_model(config, dtype=torch.float32)
     return adapter, model, adapter.tiny_processor(config)
+
+
+def massive_channel_indices(hidden: int, channels: int, seed: int) -> list[int]:
+    """The ``channels`` residual channels (of ``hidden``) that carry massive activations (seeded)."""
+    return sorted(torch.randperm(hidden, generator=torch.Generator().manual_seed(seed))[:channels].tolist())
+
+
+@torch.no_grad()
+def add_massive_activations(adapter: FamilyAdapter, model: nn.Module, channels: int, value: float,
+                            seed: int, freeze_norms: bool = False) -> list[int]:
+    """Set ``channels`` columns of the token embeddings and the same entries of the projector's last
+    bias to ``value``, and freeze them (their gradients are zeroed); returns the channel indices."""
+    embedding = model.get_input_embeddings()
+    chosen = massive_channel_indices(embedding.weight.shape[1], channels, seed)
+    projector = [m for m in adapter.linears(model, "projector").values() if m.out_features == embedding.weight.shape[1]]
+    if not projector or projector[-1].bias is None:
+        raise ValueError("massive activations need a projector whose last linear has a bias")
+    bias = projector[-1].bias
+    embedding.weight[:, chosen] = value
+    bias[chosen] = value
+    index = torch.tensor(chosen)
+
+    def freeze_columns(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[..., index] = 0
+        return grad
+
+    embedding.weight.register_hook(freeze_columns)
+    bias.register_hook(freeze_columns)
+    if freeze_norms:  # the decoder norms cannot learn to shrink those channels away
+        for _, block in adapter.blocks(model, "language"):
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                norm.weight[chosen] = 1.0
+                norm.weight.register_hook(freeze_columns)
+    return chosen
 
 
 def train_tiny(
@@ -181,7 +253,10 @@ def train_tiny(
     log = log or (lambda message: print(message, flush=True))
     torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    adapter, model, processor = build_tiny(preset, settings.seed)
+    adapter, model, processor = build_tiny(preset, settings.seed, settings.text_init_std)
+    if settings.massive_channels:
+        add_massive_activations(adapter, model, settings.massive_channels, settings.massive_value, settings.seed,
+                                settings.massive_freeze_norms)
     batch_at = make_batch_at(adapter, processor, settings)
     cfg = TrainConfig(
         steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay,
@@ -195,8 +270,12 @@ def train_tiny(
     def on_step(step: int, loss: float) -> None:
         if settings.eval_every and (step + 1) % settings.eval_every == 0:
             acc = direct_accuracy(adapter, model, processor, probes)
-            curve.append({"step": step + 1, "seconds": round(time.perf_counter() - started, 1), **acc})
-            cats = " ".join(f"{k}={v:.0f}" for k, v in acc.items())
+            point = {"step": step + 1, "seconds": round(time.perf_counter() - started, 1), **acc}
+            for scheme in settings.probe_rtn:
+                copy_ = rtn_language_copy(adapter, model, scheme)
+                point[f"rtn/{scheme}"] = direct_accuracy(adapter, copy_, processor, probes)["Overall"]
+            curve.append(point)
+            cats = " ".join(f"{k}={v:.0f}" for k, v in point.items() if k not in ("step", "seconds"))
             log(f"step {step + 1} loss {loss:.4f} t={time.perf_counter() - started:.0f}s  {cats}")
 
     losses = train(model, batch_at, answer_loss, cfg, desc=f"train {preset}", on_step=on_step)
@@ -244,11 +323,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--categories", default="", help="comma-separated subset (experiments only)")
+    parser.add_argument("--text-init-std", type=float, default=defaults.text_init_std)
+    parser.add_argument("--massive-channels", type=int, default=defaults.massive_channels)
+    parser.add_argument("--massive-value", type=float, default=defaults.massive_value)
+    parser.add_argument("--massive-freeze-norms", action="store_true")
+    parser.add_argument("--probe-rtn", default="", help="comma-separated RTN schemes scored at each probe")
     args = parser.parse_args(argv)
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         seed=args.seed, threads=args.threads, eval_samples=args.eval_samples, eval_every=args.eval_every,
         categories=tuple(c for c in args.categories.split(",") if c),
+        probe_rtn=tuple(c for c in args.probe_rtn.split(",") if c),
+        text_init_std=args.text_init_std, massive_channels=args.massive_channels, massive_value=args.massive_value,
+        massive_freeze_norms=args.massive_freeze_norms,
     )
     train_tiny(args.model, settings, args.out)
 

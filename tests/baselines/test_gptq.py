@@ -135,3 +135,33 @@ def test_missing_calibration_is_a_clear_error(adapter):
     ctx = QuantContext({"language": QuantScheme(4, 32)}, Path("unused"))
     with pytest.raises(SpeedqError, match="needs calibration data"):
         GPTQ().quantize(tiny_llama(), adapter, ctx)
+
+
+def test_consumed_hessian_gives_the_same_codes_and_inverse_is_exact():
+    """The memory-saving path (Hessian taken from the accumulator and damped in place) quantizes
+    exactly like the copying path, and U^T U is the inverse of the damped Hessian."""
+    from baselines.gptq import inverse_cholesky
+
+    x = correlated(512, 64, torch.Generator().manual_seed(3))
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(4))
+    scheme = QuantScheme.parse("w3g16")
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    reference = acc.hessian()
+    copied, _ = gptq_quantize(w, reference, scheme, GPTQConfig(block_size=32))
+    assert torch.equal(reference, acc.hessian())  # the copying path leaves the caller's H alone
+    consumed, _ = gptq_quantize(w, acc.take_hessian(), scheme, GPTQConfig(block_size=32), consume_hessian=True)
+    assert acc.sum is None
+    assert torch.equal(copied.q, consumed.q) and torch.equal(copied.zero, consumed.zero)
+    upper, lam = inverse_cholesky(reference.clone(), 0.01, "x")
+    damped = reference.double() + lam * torch.eye(64, dtype=torch.float64)
+    assert torch.allclose((upper.t() @ upper).double() @ damped, torch.eye(64, dtype=torch.float64), atol=1e-3)
+
+
+def test_release_freed_memory_runs_on_glibc():
+    import platform
+
+    from speedq_core.calibration import release_freed_memory
+
+    released = release_freed_memory()
+    assert released is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

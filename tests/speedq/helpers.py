@@ -15,7 +15,8 @@ from speedq_plugins.families.internvl import InternVLAdapter
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 SCHEME = QuantScheme.parse("w2g16g16")
 # Small enough for tests that take well under 3 s on one CPU thread.
-FAST = {"vit_samples": 4, "adaround_iters": 10, "adaround_batch": 4, "batch_size": 4, "projector_steps": 4,
+# lr 1e-3: these models are untrained, and the tiny default (TINY_LR, for trained models) barely moves them
+FAST = {"lr": 1e-3, "vit_samples": 4, "adaround_iters": 10, "adaround_batch": 4, "batch_size": 4, "projector_steps": 4,
         "qat_steps": 4, "gamma_steps": 2, "clip_samples": 4, "clip_grid": 4, "clip_tokens": 64}
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from helpers import SCHEME, context, samples, tiny
+from helpers import FAST, SCHEME, context, samples, tiny
 from torch import nn
 
 from speedq_core.errors import SpeedqError
@@ -56,7 +56,7 @@ def test_task_loss_and_stage2_distill_flags(stages_from_stage1):
     assert summary["stages"]["stage2"]["loss"] == "both" and 0 < summary["stages"]["stage2"]["gamma"] < 1
     assert summary["stages"]["stage3"]["loss"] == "task" and summary["stages"]["stage3"]["gamma"] is None
     written = json.loads((stages_from_stage1 / "options.json").read_text())["options"]
-    assert written["loss"] == "task" and written["qat_steps"] == 4 and written["lr"] == TINY_LR
+    assert written["loss"] == "task" and written["qat_steps"] == 4 and written["lr"] == FAST["lr"]
 
 
 def test_joint_ablation_trains_vit_and_llm_in_one_qat(tmp_path):

@@ -52,6 +52,7 @@ from speedq_core.calibration import (
     calibration_batches,
     capture_block_inputs,
     component_units,
+    forward_order,
     full_name,
     linear_input_hooks,
     model_linear_inputs,
@@ -69,7 +70,6 @@ from speedq_core.quant.qweight import quantize_weight
 from speedq_core.quant.scheme import QuantScheme
 from speedq_core.quant.swap import swap_linears
 
-PART_ORDER = ("vision", "projector", "language", "lm_head")
 CLIP_MODES = ("awq", "asymmetric", "none")
 NO_CLIP_PREFIXES = ("q_", "k_")
 NO_CLIP_NAMES = ("query", "key", "wqkv", "qkv")
@@ -239,7 +239,7 @@ class AWQ(Method):
     def quantize(self, model: nn.Module, adapter: FamilyAdapter, ctx: QuantContext) -> dict[str, Any]:
         config = AWQConfig.from_options(ctx.options, **self.config_defaults)
         summary: dict[str, Any] = {}
-        for part in sorted(ctx.schemes, key=lambda p: PART_ORDER.index(p) if p in PART_ORDER else len(PART_ORDER)):
+        for part in forward_order(ctx.schemes):
             if not adapter.linears(model, part):
                 continue
             start = time.perf_counter()

@@ -57,6 +57,7 @@ from speedq_core.calibration import (
     calibration_batches,
     capture_block_inputs,
     component_units,
+    forward_order,
     full_name,
     linear_stages,
     model_linear_inputs,
@@ -74,8 +75,6 @@ from speedq_core.quant.qlinear import QuantLinear
 from speedq_core.quant.qweight import QuantizedWeight, quantize_weight, validate_shape
 from speedq_core.quant.scheme import QuantScheme
 from speedq_core.quant.swap import swap_linears
-
-PART_ORDER = ("vision", "projector", "language", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -246,7 +245,7 @@ class GPTQ(Method):
     def quantize(self, model: nn.Module, adapter: FamilyAdapter, ctx: QuantContext) -> dict[str, Any]:
         config = GPTQConfig.from_options(ctx.options)
         summary: dict[str, Any] = {}
-        for part in sorted(ctx.schemes, key=lambda p: PART_ORDER.index(p) if p in PART_ORDER else len(PART_ORDER)):
+        for part in forward_order(ctx.schemes):
             linears = adapter.linears(model, part)
             if not linears:
                 continue

@@ -36,17 +36,11 @@ COMPONENT_SETS = {"llm": ("language",), "whole": ("vision", "projector", "langua
 
 
 def rtn_copy(model, adapter, registry, scheme_name: str, components) -> torch.nn.Module:
-    """A deep copy of ``model`` with ``components`` RTN-quantized by the RTN method plugin, then
-    turned back into plain float linears (same numbers, faster forward)."""
-    from baselines.rtn import RTN
-    from speedq_core.method import QuantContext
-    from speedq_core.quant import to_plain_linears
+    """The tiny-model trainer's :func:`~speedq_plugins.tiny_models.train.rtn_copy` of ``components``
+    at ``scheme_name`` (group size capped for the 64-wide ViT, see :func:`whole_schemes`)."""
+    from speedq_plugins.tiny_models.train import rtn_copy as quantized_copy
 
-    quantized = copy.deepcopy(model)
-    ctx = QuantContext(schemes=whole_schemes(registry, scheme_name, components), out_dir=Path(tempfile.gettempdir()))
-    RTN().quantize(quantized, adapter, ctx)
-    to_plain_linears(quantized, dtype=torch.float32)
-    return quantized.eval()
+    return quantized_copy(adapter, model, whole_schemes(registry, scheme_name, components))
 
 
 def whole_schemes(registry, scheme_name: str, components) -> dict:

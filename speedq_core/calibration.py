@@ -221,6 +221,16 @@ def batch_labels(batch: Batch) -> torch.Tensor | None:
 
 
 # ---- units and inputs -------------------------------------------------------------------------------
+# Components in the order the forward pass reaches them: a method calibrating several parts does the
+# earlier ones first, so later parts see their already-quantized outputs.
+PART_ORDER = ("vision", "projector", "language", "lm_head")
+
+
+def forward_order(parts: Iterable[str]) -> list[str]:
+    """``parts`` sorted by :data:`PART_ORDER` (unknown parts last, in their given order)."""
+    return sorted(parts, key=lambda p: PART_ORDER.index(p) if p in PART_ORDER else len(PART_ORDER))
+
+
 def component_units(model: nn.Module, adapter: FamilyAdapter, part: str) -> list[tuple[str, nn.Module]]:
     """The units a part is calibrated in, in forward order: its blocks; else the component module as one
     unit (a projector); else the lm_head linear."""

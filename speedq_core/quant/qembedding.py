@@ -32,7 +32,7 @@ from torch import nn
 
 from speedq_core.errors import SchemeError
 from speedq_core.quant.groupwise import dequantize_groupwise
-from speedq_core.quant.qlinear import PackedBuffers, QuantLinear
+from speedq_core.quant.qlinear import PackedBuffers, QuantLinear, check_fits
 from speedq_core.quant.qweight import QuantizedWeight, check_packed, packed_layout, validate_shape
 from speedq_core.quant.scheme import QuantScheme
 
@@ -88,11 +88,7 @@ class QuantEmbedding(PackedBuffers):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, qweight: QuantizedWeight) -> QuantEmbedding:
         """Replace ``embedding`` by its quantized table ``qweight`` (shape-checked); outputs in its weight dtype."""
-        if tuple(qweight.shape) != tuple(embedding.weight.shape):
-            raise SchemeError(
-                f"quantized weight of shape {tuple(qweight.shape)} does not fit an embedding of shape "
-                f"{tuple(embedding.weight.shape)}: quantize this embedding's own weight"
-            )
+        check_fits(qweight, embedding.weight, "embedding")
         if embedding.max_norm is not None:
             raise SchemeError("an nn.Embedding with max_norm rescales its rows at lookup: it cannot be "
                               "quantized; keep it in float")

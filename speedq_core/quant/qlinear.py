@@ -22,6 +22,16 @@ from speedq_core.quant.qweight import QuantizedWeight, check_packed, packed_layo
 from speedq_core.quant.scheme import QuantScheme
 
 
+def check_fits(qweight: QuantizedWeight, weight: torch.Tensor, kind: str) -> None:
+    """SchemeError unless ``qweight`` has ``weight``'s shape (``kind``: "linear" or "embedding")."""
+    if tuple(qweight.shape) != tuple(weight.shape):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise SchemeError(
+            f"quantized weight of shape {tuple(qweight.shape)} does not fit {article} {kind} of shape "
+            f"{tuple(weight.shape)}: quantize this {kind}'s own weight"
+        )
+
+
 class PackedBuffers(nn.Module):
     """Base of modules holding packed buffers (``self._layout``: name -> (shape, dtype)): a dtype cast
     of the module (``.to(bfloat16)``) must not touch them, so fp16 scales travel as int16 bits."""
@@ -77,11 +87,7 @@ class QuantLinear(PackedBuffers):
     @classmethod
     def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight) -> QuantLinear:
         """Replace ``linear`` by its quantized weight ``qweight`` (shape-checked) and its bias."""
-        if tuple(qweight.shape) != tuple(linear.weight.shape):
-            raise SchemeError(
-                f"quantized weight of shape {tuple(qweight.shape)} does not fit a linear of shape "
-                f"{tuple(linear.weight.shape)}: quantize this linear's own weight"
-            )
+        check_fits(qweight, linear.weight, "linear")
         return cls.from_qweight(qweight, linear.bias)
 
     @property

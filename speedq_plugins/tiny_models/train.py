@@ -172,22 +172,27 @@ def direct_accuracy(
     return scores
 
 
-def rtn_language_copy(adapter: FamilyAdapter, model: nn.Module, scheme: str) -> nn.Module:
-    """A deep copy of ``model`` with its language component RTN-quantized to ``scheme`` (the
-    baselines' default scope), turned back into plain float linears for a fast forward."""
+def rtn_copy(adapter: FamilyAdapter, model: nn.Module, schemes: dict[str, Any]) -> nn.Module:
+    """A deep copy of ``model`` with each component of ``schemes`` (name -> QuantScheme) quantized
+    by the RTN method plugin, turned back into plain float linears (same numbers, faster forward)."""
     import copy
     import tempfile
 
     from baselines.rtn import RTN
     from speedq_core.method import QuantContext
     from speedq_core.quant import to_plain_linears
-    from speedq_core.quant.scheme import QuantScheme
 
     quantized = copy.deepcopy(model)
-    ctx = QuantContext(schemes={"language": QuantScheme.parse(scheme)}, out_dir=Path(tempfile.gettempdir()))
-    RTN().quantize(quantized, adapter, ctx)
+    RTN().quantize(quantized, adapter, QuantContext(schemes=dict(schemes), out_dir=Path(tempfile.gettempdir())))
     to_plain_linears(quantized, dtype=torch.float32)
     return quantized.eval()
+
+
+def rtn_language_copy(adapter: FamilyAdapter, model: nn.Module, scheme: str) -> nn.Module:
+    """:func:`rtn_copy` of the language component at ``scheme`` (the baselines' default scope)."""
+    from speedq_core.quant.scheme import QuantScheme
+
+    return rtn_copy(adapter, model, {"language": QuantScheme.parse(scheme)})
 
 
 def test_samples(n: int, data_seed: int = 0) -> list[Any]:

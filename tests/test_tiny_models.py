@@ -129,3 +129,17 @@ def test_rtn_language_copy_quantizes_only_the_llm():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     language = {k for k in before if adapter.part_of(k.rsplit(".", 1)[0]) == "language" and k.endswith("proj.weight")}
     assert changed == language and language
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--massive-channels", "999"], "--massive-channels must be between 0 and 16"),
+    (["--text-init-std", "0"], "--text-init-std must be positive"),
+    (["--probe-rtn", "w2q16"], "w2q16"),
+])
+def test_bad_training_options_are_one_line_errors(args, message, capsys, tmp_path):
+    from speedq_plugins.tiny_models.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "tiny-internvl", "--out", str(tmp_path / "m"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and not (tmp_path / "m").exists()

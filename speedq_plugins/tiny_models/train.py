@@ -248,6 +248,19 @@ def add_massive_activations(adapter: FamilyAdapter, model: nn.Module, channels: 
     return chosen
 
 
+def check_settings(settings: TrainSettings) -> None:
+    """ValueError naming the fix for settings that cannot train (checked before any model is built)."""
+    if settings.text_init_std <= 0:
+        raise ValueError(f"--text-init-std must be positive (transformers' default is 0.02), got {settings.text_init_std}")
+    if not 0 <= settings.massive_channels <= 16:
+        raise ValueError(f"--massive-channels must be between 0 and 16 (a few of the LLM's residual channels), "
+                         f"got {settings.massive_channels}")
+    from speedq_core.quant.scheme import QuantScheme
+
+    for scheme in settings.probe_rtn:
+        QuantScheme.parse(scheme)  # SchemeError names the syntax
+
+
 def train_tiny(
     preset: str,
     settings: TrainSettings,
@@ -256,6 +269,7 @@ def train_tiny(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``preset`` with ``settings``; save to ``out`` (if given); return (model, log record)."""
     log = log or (lambda message: print(message, flush=True))
+    check_settings(settings)
     torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     adapter, model, processor = build_tiny(preset, settings.seed, settings.text_init_std)
@@ -342,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         text_init_std=args.text_init_std, massive_channels=args.massive_channels, massive_value=args.massive_value,
         massive_freeze_norms=args.massive_freeze_norms,
     )
+    from speedq_core.errors import SpeedqError
+
+    try:
+        check_settings(settings)
+    except (ValueError, SpeedqError) as exc:
+        parser.error(str(exc))
     train_tiny(args.model, settings, args.out)
 
 

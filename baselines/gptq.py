@@ -118,10 +118,10 @@ class HessianAccumulator:
 def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str, retries: int = 3) -> tuple[torch.Tensor, float]:
     """Upper ``U`` with ``U^T U = (H + lambda I)^-1`` and the lambda used; 10x lambda per failed try.
 
-    ``hessian`` is damped in place (the diagonal is restored after a failed try) and every
-    intermediate is freed as soon as it is used, so at most two ``(in, in)`` matrices live besides
-    ``hessian``: the down projection of a 1B model has a 90 MiB Hessian, and the naive chain held
-    six of them at once.
+    ``hessian`` is damped in place (the diagonal is restored after a failed try), and its
+    Cholesky factor is inverted and refactored in its own buffer, so one ``(in, in)`` matrix lives
+    besides ``hessian``: the down projection of a 1B model has a 90 MiB Hessian, and the naive
+    chain held six of them at once.
     """
     if not torch.isfinite(hessian).all():
         raise SpeedqError(
@@ -136,12 +136,12 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str, retries: int
         lower, info = torch.linalg.cholesky_ex(hessian)
         hessian.diagonal().sub_(lam)
         if info == 0 and torch.isfinite(lower).all():
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(upper).all():
-                return upper, lam
+            # (L L^T)^-1 and its upper Cholesky factor, both written into L's buffer (LAPACK
+            # potri/potrf work in place; torch keeps the pointer when out= is the input)
+            torch.cholesky_inverse(lower, out=lower)
+            torch.linalg.cholesky_ex(lower, upper=True, out=(lower, info))
+            if info == 0 and torch.isfinite(lower).all():
+                return lower, lam
     raise SpeedqError(
         f"GPTQ cannot invert the Hessian of {name} even with dampening {lam:.3g} after {retries} retries: "
         "add calibration samples or raise the damp option"

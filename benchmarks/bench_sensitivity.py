@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from speedq_core.quant.scheme import QuantScheme
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("w8g128", "w4g128", "w3g64", "w2g16")
@@ -40,18 +39,14 @@ def rtn_copy(model, adapter, registry, scheme_name: str, components) -> torch.nn
     at ``scheme_name`` (group size capped for the 64-wide ViT, see :func:`whole_schemes`)."""
     from speedq_plugins.tiny_models.train import rtn_copy as quantized_copy
 
-    return quantized_copy(adapter, model, whole_schemes(registry, scheme_name, components))
+    return quantized_copy(adapter, model, whole_schemes(model, adapter, registry, scheme_name, components))
 
 
-def whole_schemes(registry, scheme_name: str, components) -> dict:
+def whole_schemes(model, adapter, registry, scheme_name: str, components) -> dict:
     """Per-component schemes; the 64-wide tiny ViT/projector get the group size capped at 64."""
-    scheme = registry.scheme(scheme_name)
-    out = {}
-    for c in components:
-        out[c] = scheme
-        if c in ("vision", "projector") and scheme.group_size > 64:
-            out[c] = QuantScheme.parse(f"w{scheme.bits}g64")
-    return out
+    from speedq_plugins.tiny_models.train import capped_schemes
+
+    return capped_schemes(adapter, model, registry.scheme(scheme_name), components)
 
 
 def relative_weight_error(model, adapter, scheme_name: str, registry) -> float:
@@ -65,6 +60,17 @@ def relative_weight_error(model, adapter, scheme_name: str, registry) -> float:
         num += float((w - quantize_weight(w, scheme).dequantize(torch.float32)).pow(2).sum())
         den += float(w.pow(2).sum())
     return (num / den) ** 0.5
+
+
+def weight_kurtosis(model, adapter, component: str = "language") -> float:
+    """Mean over ``component``'s linears of the kurtosis ``E[(w - mu)^4] / sigma^4`` of each weight
+    (3 for a Gaussian; heavy-tailed weights, as in trained LLMs, score far higher)."""
+    values = []
+    for linear in adapter.linears(model, component).values():
+        w = linear.weight.data.float().flatten()
+        centred = w - w.mean()
+        values.append(float(centred.pow(4).mean() / centred.pow(2).mean().pow(2)))
+    return sum(values) / len(values)
 
 
 def noisy_copy(model, adapter, ratio: float, head: bool, seed: int = 0) -> torch.nn.Module:
@@ -145,6 +151,7 @@ def main(argv=None) -> dict:
                 print(f"  {name} {key}/{scheme}: {row[f'{key}/{scheme}']['Overall']:.1f}", file=sys.stderr)
         row["rtn_relative_weight_error"] = {s: round(relative_weight_error(model, adapter, s, registry), 4)
                                             for s in SCHEMES}
+        row["weight_kurtosis"] = {c: round(weight_kurtosis(model, adapter, c), 2) for c in ("vision", "language")}
         for head in (False, True):
             key = "noise/llm+head" if head else "noise/llm"
             row[key] = {str(r): direct_accuracy(adapter, noisy_copy(model, adapter, r, head), processor, samples)["Overall"]

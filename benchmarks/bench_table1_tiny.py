@@ -37,7 +37,7 @@ def main() -> None:
                         ablations=not args.no_ablations)
     work = Path(args.work) / args.model
     started = time.perf_counter()
-    doc = run_compare(plan, work, registry, plugins, progress=lambda msg: print(msg, flush=True))
+    run_compare(plan, work, registry, plugins, progress=lambda msg: print(msg, flush=True))
     print(f"compare wall time: {time.perf_counter() - started:.0f} s")
     out = RESULTS / f"table1_{args.model}"
     out.mkdir(parents=True, exist_ok=True)

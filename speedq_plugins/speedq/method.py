@@ -83,8 +83,8 @@ class SpeedqRun:
         self.method, self.model, self.adapter, self.ctx = method, model, adapter, ctx
         self.opts: SpeedqOptions = parse_options(ctx.options, method.forced_stages)
         self.out = Path(ctx.out_dir)
-        self.lr = resolve_lr(self.opts, model)
         self.schemes = dict(ctx.schemes)
+        self.lr = resolve_lr(self.opts, model, min(s.bits for s in self.schemes.values()) if self.schemes else 4)
         self.fingerprint = model_fingerprint(model)
         self._data: CalibrationSet | None = None
         self._batches: Batches | None = None

@@ -29,10 +29,13 @@ batch_size           8              samples per step per rank (*deviation*: offi
                                     8 GPUs x 1 x gradient accumulation; set ``gradient_accumulation_steps`` in
                                     ``ds_config`` for that).
 lr                   "auto"         AdamW lr, constant, weight decay 0 (official 8e-6). ``auto`` = 8e-6, or
-                                    TINY_LR = 2e-5 for models under 10M parameters (*deviation*, measured on
-                                    the shipped tiny-internvl at w4g32g128, BF16 84.3%: lr 1e-3 -> 70.1%,
-                                    1e-4 -> 82.9%, 2e-5 -> 84.4%: a trained model wants a small lr; untrained
-                                    test models need ~1e-3 to move in a few steps and set it).
+                                    for models under 10M parameters (*deviation*) TINY_LR = 2e-5 at 4+ bits
+                                    and TINY_LOW_BIT_LR = 3e-4 at 2-3 bits (the language scheme's bits).
+                                    Measured at w4g32g128 on a tiny-internvl at 84.3%: lr 1e-3 -> 70.1%,
+                                    1e-4 -> 82.9%, 2e-5 -> 84.4% (near float, a big lr only retrains); at
+                                    w2g16g16 on one at 83.7%: 2e-5 -> 64.0%, 1e-4 -> 76.0%, 3e-4 -> 76.7%
+                                    (2 bits start far from float and must move). Untrained test models
+                                    need ~1e-3 to move in a few steps and set it.
 grad_clip            1.0            gradient-norm clip (the HF Trainer default the official code runs with).
 projector_steps      "auto"         stage-2 steps; ``auto`` = one pass over ``projector_fraction`` of the samples.
 projector_fraction   0.1            share of the training samples stage 2 sees (paper 10%; the script 1%).
@@ -76,6 +79,7 @@ from speedq_core.errors import SpeedqError, suggest
 
 OFFICIAL_LR = 8e-6
 TINY_LR = 2e-5
+TINY_LOW_BIT_LR = 3e-4  # tiny models at <= 3 bits
 TINY_PARAMS = 10_000_000
 BRECQ_ADAROUND_ITERS = 20000
 TINY_ADAROUND_ITERS = 200
@@ -193,11 +197,14 @@ def _is_tiny(model: nn.Module) -> bool:
     return sum(p.numel() for p in model.parameters()) < TINY_PARAMS
 
 
-def resolve_lr(opts: SpeedqOptions, model: nn.Module) -> float:
-    """``lr``, with ``auto`` = the official 8e-6, or TINY_LR for a model under TINY_PARAMS parameters."""
+def resolve_lr(opts: SpeedqOptions, model: nn.Module, bits: int = 4) -> float:
+    """``lr``, with ``auto`` = the official 8e-6, or for a model under TINY_PARAMS parameters TINY_LR
+    (``bits`` >= 4) / TINY_LOW_BIT_LR (``bits`` <= 3)."""
     if opts.lr != AUTO:
         return float(opts.lr)
-    return TINY_LR if _is_tiny(model) else OFFICIAL_LR
+    if not _is_tiny(model):
+        return OFFICIAL_LR
+    return TINY_LR if bits >= 4 else TINY_LOW_BIT_LR
 
 
 def resolve_adaround_iters(opts: SpeedqOptions, model: nn.Module) -> int:

@@ -21,16 +21,21 @@ What it does, deterministically (fixed seed, fixed thread count (default 1), fix
 Only the logits of the answer positions are computed during training (``logits_to_keep``); the
 loss is the same as over the full sequence because labels are -100 elsewhere.
 
-Experiment knobs for quantization sensitivity (off by default; what they did is in
-``speedq_plugins/tiny_weights/README.md``): ``--probe-rtn`` scores RTN copies of the LLM at every
-probe, ``--text-init-std`` shrinks the LLM's initialisation, ``--massive-channels/-value`` give the
-residual stream frozen massive-activation channels.
+Quantization sensitivity (off by default; what each did is in
+``speedq_plugins/tiny_weights/README.md``): ``--outlier-sigma/-density`` plant frozen heavy-tailed
+weight outliers (what the shipped weights use, trained on from ``--init-from`` a plain run);
+``--probe-rtn`` scores RTN copies (``w2g16`` = LLM, ``all:w2g16`` = ViT + projector + LLM) at every
+probe. Experiments that did not make the models sensitive: ``--text-init-std`` shrinks the LLM's
+initialisation, ``--massive-channels/-value`` give the residual stream frozen massive-activation
+channels.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -93,6 +98,17 @@ class TrainSettings:
     massive_channels: int = 0
     massive_value: float = 1.0
     massive_freeze_norms: bool = False  # also freeze the decoder norms' gains of those channels at 1
+    # Heavy-tailed weights: a fraction ``outlier_density`` of the weights of every linear of
+    # ``outlier_components`` is set to +-``outlier_sigma`` x its row's std and frozen. A group's
+    # min-max range is then set by its outlier, as in trained LLMs whose weights have kurtosis >> 3:
+    # the grid step is ~2k/(2^b - 1) row stds, so 4 bits keep the learnt small weights and 2 bits
+    # round them all to one level.
+    outlier_sigma: float = 0.0
+    outlier_density: float = 1 / 16
+    outlier_components: tuple[str, ...] = ("vision", "projector", "language")
+    # Start from a saved model of the same preset (a folder with model.safetensors), e.g. to plant
+    # outliers into trained weights and train on.
+    init_from: str = ""
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -195,6 +211,34 @@ def rtn_language_copy(adapter: FamilyAdapter, model: nn.Module, scheme: str) -> 
     return rtn_copy(adapter, model, {"language": QuantScheme.parse(scheme)})
 
 
+def rtn_probe_copy(adapter: FamilyAdapter, model: nn.Module, probe: str) -> nn.Module:
+    """RTN copy for a ``--probe-rtn`` entry: ``w2g16`` quantizes the LLM, ``all:w2g16`` the ViT,
+    projector and LLM."""
+    from speedq_core.quant.scheme import QuantScheme
+
+    scope, _, scheme = probe.rpartition(":")
+    if scope not in ("", "all"):
+        raise ValueError(f"--probe-rtn {probe!r}: write SCHEME (LLM) or all:SCHEME (ViT + projector + LLM)")
+    if not scope:
+        return rtn_language_copy(adapter, model, scheme)
+    return rtn_copy(adapter, model, capped_schemes(adapter, model, QuantScheme.parse(scheme),
+                                                   ("vision", "projector", "language")))
+
+
+def capped_schemes(adapter: FamilyAdapter, model: nn.Module, scheme: Any, components: Sequence[str]) -> dict[str, Any]:
+    """``{component: scheme}`` with the group size capped at the component's narrowest linear input
+    (a 64-wide tiny ViT takes w4g64 where the scheme says w4g128; bilevel schemes are kept)."""
+    from speedq_core.quant.scheme import QuantScheme
+
+    out = {}
+    for component in components:
+        widest_group = min((m.in_features for m in adapter.linears(model, component).values()), default=0)
+        out[component] = scheme
+        if not scheme.bilevel and widest_group and scheme.group_size > widest_group:
+            out[component] = QuantScheme(bits=scheme.bits, group_size=widest_group)
+    return out
+
+
 def test_samples(n: int, data_seed: int = 0) -> list[Any]:
     """The first ``n`` samples of the TEST split (``SpeedqSynth_TEST`` is the first 700)."""
     return _samples("test", 0, n, data_seed)
@@ -248,6 +292,39 @@ def add_massive_activations(adapter: FamilyAdapter, model: nn.Module, channels: 
     return chosen
 
 
+@torch.no_grad()
+def plant_weight_outliers(adapter: FamilyAdapter, model: nn.Module, sigma: float, density: float,
+                          components: Sequence[str], seed: int) -> int:
+    """Set a seeded random ``density`` fraction of each linear weight ``W`` (out, in) of
+    ``components`` to ``sign * sigma * std(W[row])`` (random sign) and freeze those entries (their
+    gradients are zeroed, so AdamW without weight decay never moves them); returns how many."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    planted = 0
+    for component in components:
+        for _, linear in sorted(adapter.linears(model, component).items()):
+            weight = linear.weight
+            mask = torch.rand(weight.shape, generator=generator) < density
+            sign = torch.where(torch.rand(weight.shape, generator=generator) < 0.5, -1.0, 1.0)
+            row_std = weight.std(dim=1, keepdim=True)
+            weight[mask] = (sign * sigma * row_std).expand_as(weight)[mask].to(weight.dtype)
+            planted += int(mask.sum())
+
+            def freeze(grad: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+                return grad.masked_fill(mask, 0.0)
+
+            weight.register_hook(freeze)
+    return planted
+
+
+def load_init(model: nn.Module, folder: str | Path) -> None:
+    """Load the model saved in ``folder`` (by ``--out``) into ``model`` (strict: same preset, same
+    shapes; ``from_pretrained`` maps the saved key names onto the module's)."""
+    if not (Path(folder) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--init-from {folder}: no model.safetensors there (a folder written by --out)")
+    saved = type(model).from_pretrained(str(folder), dtype=torch.float32)
+    model.load_state_dict(saved.state_dict(), strict=True)
+
+
 def check_settings(settings: TrainSettings) -> None:
     """ValueError naming the fix for settings that cannot train (checked before any model is built)."""
     if settings.text_init_std <= 0:
@@ -255,9 +332,20 @@ def check_settings(settings: TrainSettings) -> None:
     if not 0 <= settings.massive_channels <= 16:
         raise ValueError(f"--massive-channels must be between 0 and 16 (a few of the LLM's residual channels), "
                          f"got {settings.massive_channels}")
+    if settings.outlier_sigma < 0 or not 0 < settings.outlier_density < 1:
+        raise ValueError(f"--outlier-sigma must be >= 0 and --outlier-density in (0, 1), got "
+                         f"{settings.outlier_sigma} and {settings.outlier_density}")
+    unknown = set(settings.outlier_components) - {"vision", "projector", "language"}
+    if unknown:
+        raise ValueError(f"--outlier-components: unknown {sorted(unknown)}; use vision, projector, language")
+    if settings.init_from and not (Path(settings.init_from) / "model.safetensors").is_file():
+        raise ValueError(f"--init-from {settings.init_from}: no model.safetensors there (a folder written by --out)")
     from speedq_core.quant.scheme import QuantScheme
 
-    for scheme in settings.probe_rtn:
+    for probe in settings.probe_rtn:
+        scope, _, scheme = probe.rpartition(":")
+        if scope not in ("", "all"):
+            raise ValueError(f"--probe-rtn {probe!r}: write SCHEME (LLM) or all:SCHEME (ViT + projector + LLM)")
         QuantScheme.parse(scheme)  # SchemeError names the syntax
 
 
@@ -266,8 +354,10 @@ def train_tiny(
     settings: TrainSettings,
     out: str | Path | None = None,
     log: Any = None,
+    command: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``preset`` with ``settings``; save to ``out`` (if given); return (model, log record)."""
+    """Train ``preset`` with ``settings``; save to ``out`` (if given); return (model, log record).
+    ``command`` is the command line recorded in the log (default: the minimal one)."""
     log = log or (lambda message: print(message, flush=True))
     check_settings(settings)
     torch.set_num_threads(settings.threads)
@@ -276,6 +366,12 @@ def train_tiny(
     if settings.massive_channels:
         add_massive_activations(adapter, model, settings.massive_channels, settings.massive_value, settings.seed,
                                 settings.massive_freeze_norms)
+    if settings.init_from:
+        load_init(model, settings.init_from)
+    if settings.outlier_sigma:
+        n = plant_weight_outliers(adapter, model, settings.outlier_sigma, settings.outlier_density,
+                                  settings.outlier_components, settings.seed)
+        log(f"planted {n} frozen weight outliers at {settings.outlier_sigma} row stds")
     batch_at = make_batch_at(adapter, processor, settings)
     cfg = TrainConfig(
         steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay,
@@ -291,7 +387,7 @@ def train_tiny(
             acc = direct_accuracy(adapter, model, processor, probes)
             point = {"step": step + 1, "seconds": round(time.perf_counter() - started, 1), **acc}
             for scheme in settings.probe_rtn:
-                copy_ = rtn_language_copy(adapter, model, scheme)
+                copy_ = rtn_probe_copy(adapter, model, scheme)
                 point[f"rtn/{scheme}"] = direct_accuracy(adapter, copy_, processor, probes)["Overall"]
             curve.append(point)
             cats = " ".join(f"{k}={v:.0f}" for k, v in point.items() if k not in ("step", "seconds"))
@@ -314,7 +410,7 @@ def train_tiny(
         "probe_curve": curve,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": f"python -m speedq_plugins.tiny_models.train --model {preset} --out <dir>",
+        "command": command or f"python -m speedq_plugins.tiny_models.train --model {preset} --out <dir>",
     }
     if out is not None:
         out = Path(out)
@@ -346,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--massive-channels", type=int, default=defaults.massive_channels)
     parser.add_argument("--massive-value", type=float, default=defaults.massive_value)
     parser.add_argument("--massive-freeze-norms", action="store_true")
+    parser.add_argument("--outlier-sigma", type=float, default=defaults.outlier_sigma)
+    parser.add_argument("--outlier-density", type=float, default=defaults.outlier_density)
+    parser.add_argument("--outlier-components", default=",".join(defaults.outlier_components))
+    parser.add_argument("--init-from", default="", help="start from this saved model folder")
     parser.add_argument("--probe-rtn", default="", help="comma-separated RTN schemes scored at each probe")
     args = parser.parse_args(argv)
     settings = TrainSettings(
@@ -354,7 +454,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         categories=tuple(c for c in args.categories.split(",") if c),
         probe_rtn=tuple(c for c in args.probe_rtn.split(",") if c),
         text_init_std=args.text_init_std, massive_channels=args.massive_channels, massive_value=args.massive_value,
-        massive_freeze_norms=args.massive_freeze_norms,
+        massive_freeze_norms=args.massive_freeze_norms, outlier_sigma=args.outlier_sigma,
+        outlier_density=args.outlier_density,
+        outlier_components=tuple(c for c in args.outlier_components.split(",") if c), init_from=args.init_from,
     )
     from speedq_core.errors import SpeedqError
 
@@ -362,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_settings(settings)
     except (ValueError, SpeedqError) as exc:
         parser.error(str(exc))
-    train_tiny(args.model, settings, args.out)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_tiny(args.model, settings, args.out, command=shlex.join(["python", "-m", "speedq_plugins.tiny_models.train", *argv]))
 
 
 if __name__ == "__main__":

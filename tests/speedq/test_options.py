@@ -12,7 +12,7 @@ from speedq_core.quant import QuantLinear, QuantScheme, quantize_weight
 from speedq_core.training.losses import answer_ce
 from speedq_plugins.speedq.method import SpeedQ, SpeedQProjector, SpeedQQAT
 from speedq_plugins.speedq.objective import Objective
-from speedq_plugins.speedq.options import OFFICIAL_LR, TINY_LR, parse_options, resolve_lr
+from speedq_plugins.speedq.options import OFFICIAL_LR, TINY_LOW_BIT_LR, TINY_LR, parse_options, resolve_lr
 
 
 def _batch():
@@ -41,6 +41,8 @@ def test_official_defaults_and_parsing():
     parsed = parse_options({"stages": "3,1", "joint": "true", "qat_steps": "12", "lr": "2e-5"})
     assert parsed.stages == (1, 3) and parsed.joint and parsed.qat_steps == 12 and parsed.lr == 2e-5
     assert resolve_lr(opts, tiny()[1]) == TINY_LR and resolve_lr(opts, nn.Linear(5000, 5000)) == OFFICIAL_LR
+    assert resolve_lr(opts, tiny()[1], bits=2) == TINY_LOW_BIT_LR
+    assert resolve_lr(opts, nn.Linear(5000, 5000), bits=2) == OFFICIAL_LR
     with pytest.raises(SpeedqError, match="did you mean 'qat_steps'"):
         parse_options({"qat_step": 3})
     with pytest.raises(SpeedqError, match="use one of both, task, distill"):

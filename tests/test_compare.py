@@ -175,6 +175,7 @@ def test_plan_orders_cells_and_scopes_options(env, lmu):
         ("speedq[loss=task]", "ablation", "speedq-loss=task-w2"),
         ("speedq[loss=distill]", "ablation", "speedq-loss=distill-w2"),
         ("speedq[joint=true]", "ablation", "speedq-joint=true-w2"),
+        ("speedq[kd_mask_shifted=true]", "ablation", "speedq-kd_mask_shifted=true-w2"),
     ]
     options = {c.dir_name: c.config.options for c in plan.cells}
     assert options["rtn-w2"] == {"qat_steps": 3, "seed_note": "x"}
@@ -200,9 +201,10 @@ def test_ablations_fill_table5(lmu, tmp_path):
                   "--out", str(out), "--calib-samples", "8", *opts)
     assert done.returncode == 0, done.stderr[-3000:]
     table5 = list(csv.DictReader(io.StringIO((out / "table5.csv").read_text())))
-    assert [(r["method"], r["joint"], r["loss"]) for r in table5] == [
-        ("speedq", "false", "both"), ("speedq[loss=task]", "false", "task"),
-        ("speedq[loss=distill]", "false", "distill"), ("speedq[joint=true]", "true", "both")]
+    assert [(r["method"], r["joint"], r["loss"], r["kd_mask_shifted"]) for r in table5] == [
+        ("speedq", "false", "both", "false"), ("speedq[loss=task]", "false", "task", "false"),
+        ("speedq[loss=distill]", "false", "distill", "false"), ("speedq[joint=true]", "true", "both", "false"),
+        ("speedq[kd_mask_shifted=true]", "false", "both", "true")]
     table1 = list(csv.DictReader(io.StringIO((out / "table1.csv").read_text())))
     assert [r["method"] for r in table1] == ["fp32", "rtn"]  # speedq was not among --methods
     for row in table5:

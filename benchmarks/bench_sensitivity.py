@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("w8g128", "w4g128", "w3g64", "w2g16")
 NOISE_RATIOS = (0.1, 0.35, 0.7, 1.0, 1.5)
@@ -36,17 +35,11 @@ COMPONENT_SETS = {"llm": ("language",), "whole": ("vision", "projector", "langua
 
 def rtn_copy(model, adapter, registry, scheme_name: str, components) -> torch.nn.Module:
     """The tiny-model trainer's :func:`~speedq_plugins.tiny_models.train.rtn_copy` of ``components``
-    at ``scheme_name`` (group size capped for the 64-wide ViT, see :func:`whole_schemes`)."""
+    at ``scheme_name``, the group size capped at each component's width (64 for the tiny ViT)."""
+    from speedq_plugins.tiny_models.train import capped_schemes
     from speedq_plugins.tiny_models.train import rtn_copy as quantized_copy
 
-    return quantized_copy(adapter, model, whole_schemes(model, adapter, registry, scheme_name, components))
-
-
-def whole_schemes(model, adapter, registry, scheme_name: str, components) -> dict:
-    """Per-component schemes; the 64-wide tiny ViT/projector get the group size capped at 64."""
-    from speedq_plugins.tiny_models.train import capped_schemes
-
-    return capped_schemes(adapter, model, registry.scheme(scheme_name), components)
+    return quantized_copy(adapter, model, capped_schemes(adapter, model, registry.scheme(scheme_name), components))
 
 
 def relative_weight_error(model, adapter, scheme_name: str, registry) -> float:
@@ -142,7 +135,7 @@ def main(argv=None) -> dict:
             for scheme in SCHEMES:
                 try:
                     quantized = rtn_copy(model, adapter, registry, scheme, components)
-                except SchemeError as exc:  # e.g. a group size wider than a 64-wide ViT
+                except SchemeError as exc:  # a scheme a component cannot take
                     row[f"{key}/{scheme}"] = {"Overall": None, "error": str(exc)}
                     print(f"  {name} {key}/{scheme}: not applicable ({exc})", file=sys.stderr)
                     continue

@@ -327,7 +327,6 @@ class SpeedQ(Method):
     default_components = ("vision", "language")
     needs_calibration = True
     calibration_samples = 1024  # training data for stages 2 and 3 (the paper trains on 680K samples)
-    # Table 5: training objective (task / distill / both) and joint vs staged quantization
     # Table 5's loss and joint-quantization rows, plus KD scored at the logits that predict the
     # answer (the official code scores it one position late: ``kd_mask_shifted``)
     ablation_defaults = {"loss": "both", "joint": False, "kd_mask_shifted": False}

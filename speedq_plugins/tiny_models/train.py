@@ -52,6 +52,7 @@ from speedq_core.training.losses import IGNORE, answer_ce
 
 # Preset name -> family adapter name. These are the presets whose weights are shipped.
 TRAINED_PRESETS = {"tiny-internvl": "internvl", "tiny-qwen2-vl": "qwen2_vl"}
+VLM_COMPONENTS = ("vision", "projector", "language")
 
 
 def adapter_for(preset: str) -> FamilyAdapter:
@@ -86,7 +87,8 @@ class TrainSettings:
     eval_every: int = 0  # >0: also score `probe_samples` test samples every that many steps
     probe_samples: int = 140
     categories: tuple[str, ...] = field(default=())  # empty = all
-    # RTN schemes (LLM only) also scored at every probe: the sensitivity curve during training
+    # RTN copies also scored at every probe (``w2g16`` = LLM, ``all:w2g16`` = whole VLM): the
+    # sensitivity curve during training
     probe_rtn: tuple[str, ...] = field(default=())
     # Std of the LLM's initial weights (transformers' ``initializer_range``; the tiny configs use 0.02).
     text_init_std: float = 0.02
@@ -105,7 +107,7 @@ class TrainSettings:
     # round them all to one level.
     outlier_sigma: float = 0.0
     outlier_density: float = 1 / 16
-    outlier_components: tuple[str, ...] = ("vision", "projector", "language")
+    outlier_components: tuple[str, ...] = VLM_COMPONENTS
     # Start from a saved model of the same preset (a folder with model.safetensors), e.g. to plant
     # outliers into trained weights and train on.
     init_from: str = ""
@@ -211,18 +213,21 @@ def rtn_language_copy(adapter: FamilyAdapter, model: nn.Module, scheme: str) -> 
     return rtn_copy(adapter, model, {"language": QuantScheme.parse(scheme)})
 
 
-def rtn_probe_copy(adapter: FamilyAdapter, model: nn.Module, probe: str) -> nn.Module:
-    """RTN copy for a ``--probe-rtn`` entry: ``w2g16`` quantizes the LLM, ``all:w2g16`` the ViT,
-    projector and LLM."""
+def parse_probe(probe: str) -> tuple[tuple[str, ...], Any]:
+    """A ``--probe-rtn`` entry -> (components, QuantScheme): ``w2g16`` is the LLM, ``all:w2g16`` the
+    ViT, projector and LLM. ValueError / SchemeError name the syntax."""
     from speedq_core.quant.scheme import QuantScheme
 
     scope, _, scheme = probe.rpartition(":")
     if scope not in ("", "all"):
         raise ValueError(f"--probe-rtn {probe!r}: write SCHEME (LLM) or all:SCHEME (ViT + projector + LLM)")
-    if not scope:
-        return rtn_language_copy(adapter, model, scheme)
-    return rtn_copy(adapter, model, capped_schemes(adapter, model, QuantScheme.parse(scheme),
-                                                   ("vision", "projector", "language")))
+    return (VLM_COMPONENTS if scope else ("language",)), QuantScheme.parse(scheme)
+
+
+def rtn_probe_copy(adapter: FamilyAdapter, model: nn.Module, probe: str) -> nn.Module:
+    """:func:`rtn_copy` for a ``--probe-rtn`` entry (:func:`parse_probe`), group sizes capped to fit."""
+    components, scheme = parse_probe(probe)
+    return rtn_copy(adapter, model, capped_schemes(adapter, model, scheme, components))
 
 
 def capped_schemes(adapter: FamilyAdapter, model: nn.Module, scheme: Any, components: Sequence[str]) -> dict[str, Any]:
@@ -318,9 +323,8 @@ def plant_weight_outliers(adapter: FamilyAdapter, model: nn.Module, sigma: float
 
 def load_init(model: nn.Module, folder: str | Path) -> None:
     """Load the model saved in ``folder`` (by ``--out``) into ``model`` (strict: same preset, same
-    shapes; ``from_pretrained`` maps the saved key names onto the module's)."""
-    if not (Path(folder) / "model.safetensors").is_file():
-        raise FileNotFoundError(f"--init-from {folder}: no model.safetensors there (a folder written by --out)")
+    shapes; ``from_pretrained`` maps the saved key names onto the module's). The folder is checked
+    by :func:`check_settings`."""
     saved = type(model).from_pretrained(str(folder), dtype=torch.float32)
     model.load_state_dict(saved.state_dict(), strict=True)
 
@@ -335,18 +339,13 @@ def check_settings(settings: TrainSettings) -> None:
     if settings.outlier_sigma < 0 or not 0 < settings.outlier_density < 1:
         raise ValueError(f"--outlier-sigma must be >= 0 and --outlier-density in (0, 1), got "
                          f"{settings.outlier_sigma} and {settings.outlier_density}")
-    unknown = set(settings.outlier_components) - {"vision", "projector", "language"}
+    unknown = set(settings.outlier_components) - set(VLM_COMPONENTS)
     if unknown:
         raise ValueError(f"--outlier-components: unknown {sorted(unknown)}; use vision, projector, language")
     if settings.init_from and not (Path(settings.init_from) / "model.safetensors").is_file():
         raise ValueError(f"--init-from {settings.init_from}: no model.safetensors there (a folder written by --out)")
-    from speedq_core.quant.scheme import QuantScheme
-
     for probe in settings.probe_rtn:
-        scope, _, scheme = probe.rpartition(":")
-        if scope not in ("", "all"):
-            raise ValueError(f"--probe-rtn {probe!r}: write SCHEME (LLM) or all:SCHEME (ViT + projector + LLM)")
-        QuantScheme.parse(scheme)  # SchemeError names the syntax
+        parse_probe(probe)
 
 
 def train_tiny(

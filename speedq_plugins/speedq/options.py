@@ -18,8 +18,9 @@ kd_normalize         "sequence_sum" KD summed over each sequence's answer tokens
 kd_mask_shifted      false          KD scored at the unshifted label positions (official) or, ``true``, at
                                     the logits that predict the answer tokens. The official mask distills the
                                     token *after* each answer token; on the shipped tiny-internvl at w2g16g16
-                                    (float 90.6%) ``true`` gives 84.1% against 81.0% (distill-only: 82.6%
-                                    against 71.7%), at 4 bits 90.3% against 89.9%.
+                                    (float 90.6%, 4096 training samples) ``true`` gives 85.6% against 84.9%
+                                    (at 1024 samples: 84.1% against 81.0%; distill-only 82.6% against
+                                    71.7%), at 4 bits 91.0% against 90.0%.
 gamma_steps          100            batches of the teacher-only γ pass (eq. 6) before training.
 stage2_distill       false          add the KD term in stage 2 (official: task loss only).
 quantize_projector   false          fake-quantize the projector in stage 3 (official: stays float); its scheme
@@ -42,7 +43,8 @@ lr                   "auto"         AdamW lr, constant, weight decay 0 (official
 grad_clip            1.0            gradient-norm clip (the HF Trainer default the official code runs with).
 projector_steps      "auto"         stage-2 steps; ``auto`` = one pass over ``projector_fraction`` of the samples.
 projector_fraction   0.1            share of the training samples stage 2 sees (paper 10%; the script 1%).
-qat_steps            "auto"         stage-3 steps; ``auto`` = one pass over the samples.
+qat_steps            "auto"         stage-3 steps; ``auto`` = one pass over the samples (``--calib-samples``,
+                                    SPEED-Q's default 4096: 512 steps at batch 8).
 vit_samples          128            images for stage 1 (image-only calibration; paper: 128).
 adaround_iters       "auto"         AdaRound iterations per ViT block: ``auto`` = BRECQ's 20000, or
                                     TINY_ADAROUND_ITERS = 200 under TINY_PARAMS parameters (*deviation*).

@@ -68,7 +68,7 @@ def test_shipped_weights_answer_the_test_split(registry, name):
 def test_shipped_weights_are_quantization_sensitive(registry, name):
     """As real 1-2B VLMs are (paper Table 1): RTN of the LLM at w4g128 stays within a few points of
     float, at w2g16 it loses at least 15 (measured on all 700: see benchmarks/results/sensitivity.json)."""
-    from speedq_plugins.tiny_models.train import rtn_language_copy
+    from speedq_plugins.tiny_models.train import rtn_probe_copy
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     preset, _ = _shipped(registry, name)
@@ -79,8 +79,8 @@ def test_shipped_weights_are_quantization_sensitive(registry, name):
         return direct_accuracy(loaded.adapter, model, loaded.processor, samples)["Overall"]
 
     full = accuracy(loaded.model)
-    w4 = accuracy(rtn_language_copy(loaded.adapter, loaded.model, "w4g128"))
-    w2 = accuracy(rtn_language_copy(loaded.adapter, loaded.model, "w2g16"))
+    w4 = accuracy(rtn_probe_copy(loaded.adapter, loaded.model, "w4g128"))
+    w2 = accuracy(rtn_probe_copy(loaded.adapter, loaded.model, "w2g16"))
     assert abs(full - w4) <= 6.0 and full - w2 >= 15.0, (full, w4, w2)
 
 
@@ -142,11 +142,11 @@ def test_massive_activation_channels_stay_frozen():
     assert not torch.equal(embedding[:, others], fresh.get_input_embeddings().weight[:, others])  # ...and trains
 
 
-def test_rtn_language_copy_quantizes_only_the_llm():
-    from speedq_plugins.tiny_models.train import build_tiny, rtn_language_copy
+def test_rtn_probe_copy_quantizes_only_the_llm():
+    from speedq_plugins.tiny_models.train import build_tiny, rtn_probe_copy
 
     adapter, model, _ = build_tiny("tiny-internvl", 0)
-    copy_ = rtn_language_copy(adapter, model, "w2g16")
+    copy_ = rtn_probe_copy(adapter, model, "w2g16")
     before, after = model.state_dict(), copy_.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     language = {k for k in before if adapter.part_of(k.rsplit(".", 1)[0]) == "language" and k.endswith("proj.weight")}

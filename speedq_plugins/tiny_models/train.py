@@ -206,13 +206,6 @@ def rtn_copy(adapter: FamilyAdapter, model: nn.Module, schemes: dict[str, Any]) 
     return quantized.eval()
 
 
-def rtn_language_copy(adapter: FamilyAdapter, model: nn.Module, scheme: str) -> nn.Module:
-    """:func:`rtn_copy` of the language component at ``scheme`` (the baselines' default scope)."""
-    from speedq_core.quant.scheme import QuantScheme
-
-    return rtn_copy(adapter, model, {"language": QuantScheme.parse(scheme)})
-
-
 def parse_probe(probe: str) -> tuple[tuple[str, ...], Any]:
     """A ``--probe-rtn`` entry -> (components, QuantScheme): ``w2g16`` is the LLM, ``all:w2g16`` the
     ViT, projector and LLM. ValueError / SchemeError name the syntax."""
@@ -237,10 +230,10 @@ def capped_schemes(adapter: FamilyAdapter, model: nn.Module, scheme: Any, compon
 
     out = {}
     for component in components:
-        widest_group = min((m.in_features for m in adapter.linears(model, component).values()), default=0)
+        narrowest = min((m.in_features for m in adapter.linears(model, component).values()), default=0)
         out[component] = scheme
-        if not scheme.bilevel and widest_group and scheme.group_size > widest_group:
-            out[component] = QuantScheme(bits=scheme.bits, group_size=widest_group)
+        if not scheme.bilevel and narrowest and scheme.group_size > narrowest:
+            out[component] = QuantScheme(bits=scheme.bits, group_size=narrowest)
     return out
 
 

@@ -1,6 +1,6 @@
 """Quantization sensitivity of the shipped tiny models: RTN at 8/4/3/2 bits, LLM only and whole model.
 
-    python benchmarks/bench_sensitivity.py [--samples 700] [--models tiny-internvl,tiny-qwen2-vl]
+    python benchmarks/bench_sensitivity.py [--samples 700] [--models tiny-internvl,tiny-qwen2-vl,tiny-llava]
                                            [--vlmeval] [--out benchmarks/results/sensitivity.json]
 
 For each trained tiny preset (weights loaded through ``speedq_core.models.load_model``) it scores the
@@ -12,7 +12,7 @@ Two component sets: ``language`` (the baselines' default) and ``vision+projector
 tolerance curve: accuracy after Gaussian noise of ``r`` times each weight's std is added to the LLM
 linears (and lm_head), next to RTN's own relative weight error per scheme, which says how much noise
 each bit width adds and how much the model can take.
-``--vlmeval`` also scores the float models through VLMEvalKit (``speedq_core.evaluate``).
+``--vlmeval`` also scores the float and BF16 models through VLMEvalKit (``speedq_core.evaluate``).
 Prints a table and writes the JSON.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _cell(score) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny-internvl,tiny-qwen2-vl")
+    parser.add_argument("--models", default="tiny-internvl,tiny-qwen2-vl,tiny-llava")
     parser.add_argument("--samples", type=int, default=700)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vlmeval", action="store_true")
@@ -130,6 +130,9 @@ def main(argv=None) -> dict:
         row: dict = {"source": loaded.source, "float": direct_accuracy(adapter, model, processor, samples)}
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         row["bf16"] = direct_accuracy(adapter, bf16, processor, samples)
+        if args.vlmeval:  # the issue's bar: the BF16 model scored by VLMEvalKit itself
+            row["vlmeval_float_overall"] = vlmeval_overall(adapter, model, processor, name)
+            row["vlmeval_bf16_overall"] = vlmeval_overall(adapter, bf16, processor, f"{name}-bf16")
         del bf16
         for key, components in COMPONENT_SETS.items():
             for scheme in SCHEMES:
@@ -149,8 +152,6 @@ def main(argv=None) -> dict:
             key = "noise/llm+head" if head else "noise/llm"
             row[key] = {str(r): direct_accuracy(adapter, noisy_copy(model, adapter, r, head), processor, samples)["Overall"]
                         for r in NOISE_RATIOS}
-        if args.vlmeval:
-            row["vlmeval_float_overall"] = vlmeval_overall(adapter, model, processor, name)
         row["seconds"] = round(time.perf_counter() - started, 1)
         results["models"][name] = row
 
@@ -172,7 +173,8 @@ def print_table(results: dict) -> None:
             cells = " ".join(_cell(row[f"{key}/{s}"]["Overall"]) for s in SCHEMES)
             print(f"{name:<15} {key:<8} {row['float']['Overall']:>6.1f} {row['bf16']['Overall']:>6.1f} {cells}")
         if row.get("vlmeval_float_overall") is not None:
-            print(f"{name:<15} VLMEvalKit (float): {row['vlmeval_float_overall']:.1f}")
+            print(f"{name:<15} VLMEvalKit: float {row['vlmeval_float_overall']:.1f}, "
+                  f"bf16 {row['vlmeval_bf16_overall']:.1f}")
     for name, row in results["models"].items():
         errors = " ".join(f"{s}={e:.3f}" for s, e in row["rtn_relative_weight_error"].items())
         print(f"\n{name}: RTN relative weight error of the LLM linears: {errors}")

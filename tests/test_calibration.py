@@ -153,7 +153,7 @@ def test_token_masks_mark_image_and_answer_tokens(llava):
     sample = capture_block_inputs(model, adapter, "language", batches).samples[0]
     ids = batches[0].tensors["input_ids"]
     masks = sample.masks
-    assert masks["image"].sum() == (ids == model.config.image_token_id).sum() == 2 * 16
+    assert masks["image"].sum() == (ids == model.config.image_token_id).sum() == 2 * 64  # (48 / 6)^2 each
     assert torch.equal(masks["answer"], batches[0].labels != -100)
     assert torch.equal(masks["text"], masks["valid"] & ~masks["image"])
     assert not masks["valid"].all()  # left padding of the shorter sample
@@ -170,5 +170,5 @@ def test_linear_inputs_skip_padding(llava):
     inputs = capture_block_inputs(model, adapter, "language", batches)
     feats = capture_linear_inputs(model.model.language_model.layers[0], inputs, ["self_attn.q_proj", "mlp.down_proj"])
     n_valid = int(batches[0].tensors["attention_mask"].sum())
-    assert feats["self_attn.q_proj"].shape == (n_valid, 64)
-    assert feats["mlp.down_proj"].shape == (n_valid, 128)
+    assert feats["self_attn.q_proj"].shape == (n_valid, 128)  # hidden size
+    assert feats["mlp.down_proj"].shape == (n_valid, 384)  # intermediate size

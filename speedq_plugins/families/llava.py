@@ -45,6 +45,11 @@ from speedq_core.adapter import FamilyAdapter, ScalingGroup, config_from_arch
 from speedq_core.hookspecs import hookimpl
 from speedq_plugins.families.decoder import decoder_scaling_groups
 
+# The tiny preset's CLIP input: the synthetic benchmark's native image size, cut into 8 x 8 patches
+# (the patch grid of the tiny InternViT; LLaVA has no token merger, so the LLM gets all 64).
+TINY_CLIP_IMAGE = 48
+TINY_CLIP_PATCH = 6
+
 # ---- the adapter --------------------------------------------------------------------------------
 _CLIP_GROUPS = [
     ScalingGroup("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
@@ -83,7 +88,10 @@ class LlavaAdapter(FamilyAdapter):
         return config_from_arch(LlavaConfig, arch)
 
     def tiny_config(self) -> Any:
-        """CLIP 2x32 at 32 px / patch 8 (16 image tokens) + Llama 2x64 (MHA, like Vicuna): ~0.17M."""
+        """~1.2M parameters, the size of the other trained tiny presets: CLIP 4 x 64 (learnt absolute
+        position embedding) on 6-px patches of the synthetic benchmark's native 48-px image (LLaVA
+        keeps every patch: 64 image tokens, read from the second-to-last layer as LLaVA-1.5 does) +
+        Llama 4 x 128 (MHA, like Vicuna), untied lm_head."""
         from speedq_plugins.tiny_tokenizer import build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()
@@ -95,16 +103,16 @@ class LlavaAdapter(FamilyAdapter):
             "projector_hidden_act": "gelu",
             "tie_word_embeddings": False,
             "text_config": {
-                "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                "model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
                 "vocab_size": len(tok), "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                 "pad_token_id": tok.pad_token_id, "tie_word_embeddings": False,
             },
             "vision_config": {
-                "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
-                "projection_dim": 32, "hidden_act": "quick_gelu",
+                "model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 256,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": TINY_CLIP_IMAGE,
+                "patch_size": TINY_CLIP_PATCH, "projection_dim": 64, "hidden_act": "quick_gelu",
             },
         })
 

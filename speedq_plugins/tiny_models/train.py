@@ -51,7 +51,7 @@ from speedq_core.training.loop import TrainConfig, seed_everything, train
 from speedq_core.training.losses import IGNORE, answer_ce
 
 # Preset name -> family adapter name. These are the presets whose weights are shipped.
-TRAINED_PRESETS = {"tiny-internvl": "internvl", "tiny-qwen2-vl": "qwen2_vl"}
+TRAINED_PRESETS = {"tiny-internvl": "internvl", "tiny-qwen2-vl": "qwen2_vl", "tiny-llava": "llava"}
 VLM_COMPONENTS = ("vision", "projector", "language")
 
 
@@ -66,6 +66,10 @@ def adapter_for(preset: str) -> FamilyAdapter:
         from speedq_plugins.families.qwen2_vl import Qwen2VLAdapter
 
         return Qwen2VLAdapter()
+    if family == "llava":
+        from speedq_plugins.families.llava import LlavaAdapter
+
+        return LlavaAdapter()
     raise ValueError(f"no training recipe for {preset!r}: use one of {', '.join(TRAINED_PRESETS)}")
 
 
@@ -117,21 +121,23 @@ class TrainSettings:
 
 
 def _samples(split: str, start: int, n: int, data_seed: int, categories: Sequence[str] = ()) -> list[Any]:
+    """Samples ``start .. start+n-1`` of the training stream. With ``categories``, the stream cycles
+    over that list (a category listed twice is asked twice as often), and the j-th draw of category
+    ``c`` is split sample ``j * 7 + CATEGORIES.index(c)`` (sample i of the split has category
+    ``CATEGORIES[i % 7]``), so every draw is a fresh sample."""
     from speedq_plugins.synthetic import generate_sample, iter_samples
 
     if not categories:
         return list(iter_samples(split, n, seed=data_seed, start=start))
-    # keep only the chosen categories: sample i of the split has category CATEGORIES[i % 7]
     from speedq_plugins.synthetic import CATEGORIES
 
     wanted = [CATEGORIES.index(c) for c in categories]
-    out, index = [], 0
-    k = start
-    while len(out) < n:
+    out = []
+    for k in range(start, start + n):
         cycle, slot = divmod(k, len(wanted))
-        index = cycle * len(CATEGORIES) + wanted[slot]
-        out.append(generate_sample(index, split, seed=data_seed))
-        k += 1
+        category = wanted[slot]
+        draw = cycle * wanted.count(category) + wanted[:slot].count(category)
+        out.append(generate_sample(draw * len(CATEGORIES) + category, split, seed=data_seed))
     return out
 
 
@@ -429,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--categories", default="", help="comma-separated subset (experiments only)")
+    parser.add_argument("--categories", default="", help="comma-separated categories to train on, cycled in order; one listed twice is "
+                        "asked twice as often (default: all seven, equally)")
     parser.add_argument("--text-init-std", type=float, default=defaults.text_init_std)
     parser.add_argument("--massive-channels", type=int, default=defaults.massive_channels)
     parser.add_argument("--massive-value", type=float, default=defaults.massive_value)

@@ -74,7 +74,7 @@ def test_tiny_end_to_end(adapter):
 def test_component_split(adapter, tiny):
     _, model, _ = tiny
     check_component_split(model, adapter)
-    assert len(adapter.blocks(model, "vision")) == 2 and len(adapter.blocks(model, "language")) == 2
+    assert len(adapter.blocks(model, "vision")) == 4 and len(adapter.blocks(model, "language")) == 4
 
 
 def test_component_split_of_real_architecture(adapter):
@@ -86,7 +86,7 @@ def test_scaling_groups(adapter, tiny, component, groups):
     _, model, _ = tiny
     assert len(adapter.scaling_groups(component)) == groups
     if groups:
-        assert check_scaling_groups(model, adapter, component) == 2 * groups
+        assert check_scaling_groups(model, adapter, component) == 4 * groups  # 4 blocks each
 
 
 def test_scaling_groups_on_real_architecture(adapter):
@@ -104,7 +104,9 @@ def test_prompt_format(adapter, tiny):
     inputs = adapter.build_inputs(processor, [image()], ["what color"])
     text = processor.tokenizer.decode(inputs.tensors["input_ids"][0])
     assert text.startswith("USER : <image>") and text.endswith("what color ASSISTANT :")
-    assert (inputs.tensors["input_ids"] == tiny[0].image_token_id).sum() == 16  # (32/8)^2, CLS dropped
+    vision = tiny[0].vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2  # CLS dropped
+    assert (inputs.tensors["input_ids"] == tiny[0].image_token_id).sum() == patches
 
 
 def test_processor_gives_576_tokens_at_336px(adapter):

@@ -231,3 +231,8 @@ def test_listed_categories_are_weighted_and_every_draw_is_fresh():
     for sample, index in zip(drawn, expected):
         reference = generate_sample(index, "train", seed=0)
         assert sample.prompt == reference.prompt and sample.image.tobytes() == reference.image.tobytes()
+
+
+def test_a_preset_without_a_recipe_is_refused_by_name():
+    with pytest.raises(ValueError, match="no training recipe for 'tiny-fastvlm': use one of tiny-internvl, tiny-qwen2-vl, tiny-llava"):
+        adapter_for("tiny-fastvlm")

@@ -55,22 +55,22 @@ TRAINED_PRESETS = {"tiny-internvl": "internvl", "tiny-qwen2-vl": "qwen2_vl", "ti
 VLM_COMPONENTS = ("vision", "projector", "language")
 
 
+# Family adapter name -> (module, class) of its adapter.
+_ADAPTER_CLASSES = {
+    "internvl": ("speedq_plugins.families.internvl", "InternVLAdapter"),
+    "qwen2_vl": ("speedq_plugins.families.qwen2_vl", "Qwen2VLAdapter"),
+    "llava": ("speedq_plugins.families.llava", "LlavaAdapter"),
+}
+
+
 def adapter_for(preset: str) -> FamilyAdapter:
     """The family adapter of a trained tiny preset (imported directly: no plugin discovery)."""
-    family = TRAINED_PRESETS.get(preset)
-    if family == "internvl":
-        from speedq_plugins.families.internvl import InternVLAdapter
+    if preset not in TRAINED_PRESETS:
+        raise ValueError(f"no training recipe for {preset!r}: use one of {', '.join(TRAINED_PRESETS)}")
+    import importlib
 
-        return InternVLAdapter()
-    if family == "qwen2_vl":
-        from speedq_plugins.families.qwen2_vl import Qwen2VLAdapter
-
-        return Qwen2VLAdapter()
-    if family == "llava":
-        from speedq_plugins.families.llava import LlavaAdapter
-
-        return LlavaAdapter()
-    raise ValueError(f"no training recipe for {preset!r}: use one of {', '.join(TRAINED_PRESETS)}")
+    module, cls = _ADAPTER_CLASSES[TRAINED_PRESETS[preset]]
+    return getattr(importlib.import_module(module), cls)()
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ def test_whole_model_probe_caps_the_group_at_the_vit_width():
     (["--probe-rtn", "llm:w2g16"], "all:SCHEME"),
     (["--text-init-std", "0"], "--text-init-std must be positive"),
     (["--probe-rtn", "w2q16"], "w2q16"),
+    (["--categories", "position,colour"], "--categories: unknown ['colour']; use some of color, shape"),
 ])
 def test_bad_training_options_are_one_line_errors(args, message, capsys, tmp_path):
     from speedq_plugins.tiny_models.train import main

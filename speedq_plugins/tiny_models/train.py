@@ -341,6 +341,11 @@ def check_settings(settings: TrainSettings) -> None:
     unknown = set(settings.outlier_components) - set(VLM_COMPONENTS)
     if unknown:
         raise ValueError(f"--outlier-components: unknown {sorted(unknown)}; use vision, projector, language")
+    from speedq_plugins.synthetic import CATEGORIES
+
+    unknown = sorted(set(settings.categories) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"--categories: unknown {unknown}; use some of {', '.join(CATEGORIES)}")
     if settings.init_from and not (Path(settings.init_from) / "model.safetensors").is_file():
         raise ValueError(f"--init-from {settings.init_from}: no model.safetensors there (a folder written by --out)")
     for probe in settings.probe_rtn:

@@ -125,12 +125,10 @@ def _samples(split: str, start: int, n: int, data_seed: int, categories: Sequenc
     over that list (a category listed twice is asked twice as often), and the j-th draw of category
     ``c`` is split sample ``j * 7 + CATEGORIES.index(c)`` (sample i of the split has category
     ``CATEGORIES[i % 7]``), so every draw is a fresh sample."""
-    from speedq_plugins.synthetic import generate_sample, iter_samples
+    from speedq_plugins.synthetic import CATEGORIES, generate_sample, iter_samples
 
     if not categories:
         return list(iter_samples(split, n, seed=data_seed, start=start))
-    from speedq_plugins.synthetic import CATEGORIES
-
     wanted = [CATEGORIES.index(c) for c in categories]
     out = []
     for k in range(start, start + n):
